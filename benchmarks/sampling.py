@@ -1,0 +1,257 @@
+"""Rollout throughput of every sampling mode against plain `model.generate`, on the same models and batches.
+
+    python benchmarks/sampling.py --device cpu --shape tiny --batches 20 --threads 1 --out results.json  # CPU, ~2 min
+    python benchmarks/sampling.py --device cuda --shape qwen --batches 20 --out results.json  # the issue's shape
+
+--shape qwen builds random Qwen2.5-0.5B-shaped student / 1.5B-shaped teacher configs locally (no download), batch 64,
+64-token prompts, 128 new tokens. Every batch has its own padded prompt width (uniform in [P/2, P]) and ragged rows
+inside it, so a sampler that recompiles or re-captures per shape pays for it here. Times are wall-clock over all
+batches, first-call compilation and graph capture included; EOS is disabled so every row generates max_new_tokens.
+Random models have flat next-token distributions, so SKD's acceptance rate here is near 0 (worst case: one token
+per round: the worst case); the row speculative_accept_all (top_k = V, every proposal accepted) is the best case.
+The acceptance column says what each SKD number was measured at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rlkd_onpolicy.sampling import RolloutSampler  # noqa: E402
+
+SHAPES = {
+    # name: (student config kwargs, teacher config kwargs, batch, prompt, new tokens)
+    "tiny": (
+        dict(
+            vocab_size=8192,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        dict(
+            vocab_size=8192,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        8,
+        16,
+        32,
+    ),
+    "qwen": (  # Qwen2.5-0.5B and Qwen2.5-1.5B shapes
+        dict(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+        dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+        64,
+        64,
+        128,
+    ),
+}
+
+
+def build(config_kwargs: dict, device: str, dtype: torch.dtype):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(max_position_embeddings=4096, **config_kwargs)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = None  # no early stop: every row generates max_new_tokens
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def make_batches(n: int, bsz: int, prompt_len: int, vocab: int, device: str, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        width = int(torch.randint(prompt_len // 2, prompt_len + 1, (1,), generator=gen))
+        lengths = torch.randint(max(1, width // 2), width + 1, (bsz,), generator=gen)
+        lengths[0] = width
+        ids = torch.randint(1, vocab, (bsz, width), generator=gen)
+        mask = (torch.arange(width) >= width - lengths[:, None]).long()
+        batches.append((torch.where(mask.bool(), ids, 0).to(device), mask.to(device)))
+    return batches
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_generate(model, batches, new_tokens, device, **kwargs):
+    torch.manual_seed(0)
+    tokens, first, start = 0, None, time.perf_counter()
+    for ids, mask in batches:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+                **kwargs,
+            )
+        sync(device)
+        first = first if first is not None else time.perf_counter() - t0
+        tokens += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return {"tokens": tokens, "seconds": time.perf_counter() - start, "first_batch_seconds": first}
+
+
+def run_sampler(sampler: RolloutSampler, batches, device):
+    tokens, first, start, stats = 0, None, time.perf_counter(), {}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for ids, mask in batches:
+        t0 = time.perf_counter()
+        rollout = sampler.rollout(ids, mask, generator=gen)
+        sync(device)
+        first = first if first is not None else time.perf_counter() - t0
+        tokens += int(rollout.completion_mask.sum())
+        for k in ("acceptance_rate", "teacher_forward_passes", "rounds"):
+            if k in rollout.stats:
+                stats[k] = stats.get(k, 0.0) + rollout.stats[k] / len(batches)
+    return {"tokens": tokens, "seconds": time.perf_counter() - start, "first_batch_seconds": first, **stats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--prompt-len", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--skd-top-k", type=int, default=25)
+    parser.add_argument("--skip", nargs="*", default=[], help="row names to skip, e.g. generate_static")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    student_cfg, teacher_cfg, bsz, prompt_len, new_tokens = SHAPES[args.shape]
+    bsz, prompt_len = args.batch_size or bsz, args.prompt_len or prompt_len
+    new_tokens = args.new_tokens or new_tokens
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    student, teacher = build(student_cfg, args.device, dtype), build(teacher_cfg, args.device, dtype)
+    batches = make_batches(args.batches, bsz, prompt_len, student_cfg["vocab_size"], args.device, seed=1)
+    on_cuda = args.device.startswith("cuda")
+
+    def sampler(mode, **kw):
+        kw.setdefault("skd_top_k", args.skd_top_k)
+        return RolloutSampler(
+            mode, student, teacher, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, **kw
+        )
+
+    runs = {
+        "generate_default": lambda: run_generate(student, batches, new_tokens, args.device),
+        "generate_static": lambda: run_generate(
+            student, batches, new_tokens, args.device, cache_implementation="static"
+        ),
+        "on_policy": lambda: run_sampler(sampler("on_policy"), batches, args.device),
+        "seq_kd": lambda: run_sampler(sampler("seq_kd"), batches, args.device),
+        "speculative": lambda: run_sampler(sampler("speculative"), batches, args.device),
+        # top_k = V accepts every proposal: SKD's best case, the cost of its machinery alone
+        "speculative_accept_all": lambda: run_sampler(
+            sampler("speculative", skd_top_k=student_cfg["vocab_size"]), batches, args.device
+        ),
+    }
+    if on_cuda:
+        runs["on_policy_static_compiled"] = lambda: run_sampler(
+            sampler("on_policy", cache_implementation="static", compile_step=True), batches, args.device
+        )
+    results = {}
+    for name, fn in runs.items():
+        if name in args.skip:
+            continue
+        try:
+            results[name] = fn()
+        except Exception as exc:  # a baseline that does not run on this setup is reported, not fatal
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        r = results[name]
+        if "tokens" in r:
+            r["tokens_per_second"] = r["tokens"] / r["seconds"]
+        print(
+            f"{name:28s} "
+            + (
+                f"{r['tokens_per_second']:10.1f} tok/s  {r['seconds']:7.2f} s  first batch "
+                f"{r['first_batch_seconds']:6.2f} s"
+                if "tokens" in r
+                else r["error"]
+            ),
+            flush=True,
+        )
+
+    def tps(name):
+        return results.get(name, {}).get("tokens_per_second")
+
+    print(f"\n{'mode':28s} {'tok/s':>10s} {'vs generate':>12s} {'vs static':>10s} {'SKD accept':>10s}")
+    for name, r in results.items():
+        if "tokens_per_second" not in r:
+            continue
+        ratios = [
+            f"{r['tokens_per_second'] / tps(b):.2f}x" if tps(b) else "n/a"
+            for b in ("generate_default", "generate_static")
+        ]
+        accept = f"{r['acceptance_rate']:.3f}" if "acceptance_rate" in r else ""
+        print(f"{name:28s} {r['tokens_per_second']:10.1f} {ratios[0]:>12s} {ratios[1]:>10s} {accept:>10s}")
+    if tps("speculative") and tps("on_policy"):
+        print(f"\nSKD rollout cost / on-policy rollout cost (same tokens): {tps('on_policy') / tps('speculative'):.2f}")
+    meta = {
+        "shape": args.shape,
+        "device": args.device,
+        "dtype": str(dtype),
+        "batch_size": bsz,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "batches": args.batches,
+        "skd_top_k": args.skd_top_k,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if on_cuda else None,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""`RolloutSampler`: one object that turns a batch of prompts (and dataset completions) into a `Rollout` for any
+sampling mode of the trainer.
+
+Modes
+  off_policy   the dataset's completion (supervised KD); no model runs.
+  seq_kd       the teacher samples the completion (sequence-level KD).
+  on_policy    the student samples the completion (GKD with lambda = 1).
+  mixed        GKD's lambda drawn per sequence: a row is on-policy with probability `lmbda`, else the dataset's.
+  speculative  SKD: student proposals verified against the teacher's top-K (see speculative.py).
+"""
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .generate import (
+    CACHE_IMPLEMENTATIONS,
+    check_compile,
+    check_prompt,
+    check_sampling,
+    decode,
+    eval_mode,
+    model_device,
+    output_vocab_size,
+    resolve_pad,
+    shared_vocab_size,
+)
+from .rng import STREAM_STUDENT, STREAM_TEACHER, draw_row_seeds
+from .rollout import SOURCE_DATA, SOURCE_STUDENT, SOURCE_TEACHER, Rollout, assemble_rollout
+from .speculative import check_speculative, speculative_generate
+
+SAMPLING_MODES = ("off_policy", "seq_kd", "on_policy", "mixed", "speculative")
+_NEEDS_TEACHER = ("seq_kd", "speculative")
+_NEEDS_DATA = ("off_policy", "mixed")
+
+
+class RolloutSampler:
+    """Produces a `Rollout` for one of SAMPLING_MODES from a batch; the trainer's single entry point to sampling.
+
+    Args:
+        mode: one of SAMPLING_MODES.
+        student, teacher: causal LMs; the teacher may be None except in seq_kd and speculative.
+        lmbda: mixed mode's probability that a sequence is on-policy (drawn per sequence).
+        max_new_tokens: completion budget per sequence.
+        temperature, top_p: the student's sampling warp (on_policy, mixed, SKD proposals).
+        teacher_temperature, teacher_top_p: the teacher's sampling warp (seq_kd, SKD replacements); 0 = greedy.
+        skd_top_k, skd_draft_len, verify_on: SKD's top-K, block length, and raw/warped top-K test.
+        eos_token_id: int or list of ints; None disables EOS stopping. pad_token_id: None -> EOS -> 0.
+        max_vocab_padding: how many rows the teacher's and student's output layers may differ by (padding).
+        cache_implementation: "dynamic" (default) or "static" (preallocated, fixed shapes); compile_step: wrap the
+            decode step in torch.compile (CUDA + static cache only).
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module | None = None,
+        *,
+        lmbda: float = 0.5,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        teacher_temperature: float = 1.0,
+        teacher_top_p: float = 1.0,
+        skd_top_k: int = 25,
+        skd_draft_len: int = 5,
+        verify_on: str = "raw",
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        max_vocab_padding: int = 256,
+        cache_implementation: str = "dynamic",
+        compile_step: bool = False,
+    ):
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}")
+        if not 0.0 <= lmbda <= 1.0:
+            raise ValueError(f"lmbda must be in [0, 1] (the on-policy probability per sequence), got {lmbda}")
+        check_sampling(max_new_tokens, temperature, top_p)
+        check_sampling(max_new_tokens, teacher_temperature, teacher_top_p, name="teacher_")
+        if cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}"
+            )
+        check_compile(compile_step, cache_implementation, model_device(student))
+        if mode in _NEEDS_TEACHER and teacher is None:
+            raise ValueError(f"mode {mode!r} needs a teacher model, got teacher=None")
+        if teacher is not None:
+            self.vocab_size = shared_vocab_size(student, teacher, max_vocab_padding)
+        else:
+            self.vocab_size = output_vocab_size(student)
+        if mode == "speculative":
+            check_speculative(skd_top_k, skd_draft_len, verify_on, self.vocab_size)
+        self.mode, self.student, self.teacher = mode, student, teacher
+        self.lmbda = lmbda
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_p = temperature, top_p
+        self.teacher_temperature, self.teacher_top_p = teacher_temperature, teacher_top_p
+        self.skd_top_k, self.skd_draft_len, self.verify_on = skd_top_k, skd_draft_len, verify_on
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = resolve_pad(pad_token_id, eos_token_id)
+        self.max_vocab_padding = max_vocab_padding
+        self.cache_implementation = cache_implementation
+        self.compile_step = compile_step
+
+    def rollout(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor | None = None,
+        completion_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        row_seeds: torch.Tensor | None = None,
+    ) -> Rollout:
+        """Sample one batch. prompt_ids / prompt_mask (B, P) LEFT-padded; completion_ids / completion_mask (B, C)
+        RIGHT-padded dataset completions (needed by off_policy and mixed, ignored otherwise).
+
+        Randomness: mixed mode first draws B uniforms for its per-sequence coin, then (unless row_seeds is given)
+        B row seeds, both from `generator` (torch's global generator when None). Row i's tokens depend only on its
+        prompt and row_seeds[i], never on the other rows.
+        """
+        check_prompt(prompt_ids, prompt_mask)
+        bsz = prompt_ids.shape[0]
+        device = prompt_ids.device
+        if self.mode in _NEEDS_DATA:
+            _check_completions(prompt_ids, completion_ids, completion_mask, self.mode)
+        on_policy_rows = None
+        if self.mode == "mixed":
+            # one coin per sequence (TRL draws one per batch): the on-policy share of every batch is close to lmbda
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            coins = torch.rand(bsz, generator=generator, device=gen_device).to(device)
+            on_policy_rows = coins < self.lmbda
+        if row_seeds is None:
+            row_seeds = draw_row_seeds(bsz, generator, device)
+        elif row_seeds.shape != (bsz,):
+            raise ValueError(f"row_seeds must have shape ({bsz},), got {tuple(row_seeds.shape)}")
+        row_seeds = row_seeds.to(device=device, dtype=torch.int64)
+
+        if self.mode == "speculative":
+            return speculative_generate(
+                self.student,
+                self.teacher,
+                prompt_ids,
+                prompt_mask,
+                top_k=self.skd_top_k,
+                draft_len=self.skd_draft_len,
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                teacher_temperature=self.teacher_temperature,
+                top_p=self.top_p,
+                teacher_top_p=self.teacher_top_p,
+                verify_on=self.verify_on,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                row_seeds=row_seeds,
+                max_vocab_padding=self.max_vocab_padding,
+                cache_implementation=self.cache_implementation,
+                compile_step=self.compile_step,
+            )
+
+        start = time.perf_counter()
+        stats: dict[str, float] = {}
+        if self.mode == "off_policy":
+            tokens, mask = completion_ids, completion_mask.bool()
+            source = torch.full_like(tokens, SOURCE_DATA, dtype=torch.int8)
+        elif self.mode in ("on_policy", "seq_kd"):
+            tokens, mask, source, passes = self._generate(prompt_ids, prompt_mask, row_seeds)
+            stats["forward_passes"] = float(passes)
+        else:  # mixed
+            tokens, mask, source = self._mixed(
+                prompt_ids, prompt_mask, completion_ids, completion_mask.bool(), row_seeds, on_policy_rows, stats
+            )
+            stats["on_policy_fraction"] = float(on_policy_rows.float().mean())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        generated = float(mask[source != SOURCE_DATA].sum()) if self.mode != "off_policy" else 0.0
+        stats.update(generated_tokens=generated, seconds=seconds, tokens_per_second=generated / max(seconds, 1e-9))
+        return assemble_rollout(
+            prompt_ids,
+            prompt_mask,
+            tokens,
+            mask,
+            source,
+            pad_token_id=self.pad_token_id,
+            stats=stats,
+            mode=self.mode,
+            row_seeds=row_seeds,
+        )
+
+    def _generate(self, prompt_ids, prompt_mask, row_seeds):
+        """Student (on_policy) or teacher (seq_kd) sampling; returns tokens (B, N), mask, source, forward passes."""
+        if self.mode == "seq_kd":
+            model, stream, src = self.teacher, STREAM_TEACHER, SOURCE_TEACHER
+            temperature, top_p = self.teacher_temperature, self.teacher_top_p
+        else:
+            model, stream, src = self.student, STREAM_STUDENT, SOURCE_STUDENT
+            temperature, top_p = self.temperature, self.top_p
+        with eval_mode(model):
+            out = decode(
+                model,
+                prompt_ids,
+                prompt_mask.long(),
+                row_seeds,
+                stream=stream,
+                max_new_tokens=self.max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                vocab_size=self.vocab_size,
+                cache_implementation=self.cache_implementation,
+                compile_step=self.compile_step,
+            )
+        source = torch.full_like(out.tokens, src, dtype=torch.int8)
+        return out.tokens, out.completion_mask, source, out.forward_passes
+
+    def _mixed(self, prompt_ids, prompt_mask, completion_ids, completion_mask, row_seeds, on_policy_rows, stats):
+        """Dataset completions, with the on-policy rows replaced by student samples (only those rows are decoded)."""
+        bsz = prompt_ids.shape[0]
+        width = max(completion_ids.shape[1], self.max_new_tokens if bool(on_policy_rows.any()) else 0)
+        tokens = torch.full((bsz, width), self.pad_token_id, dtype=torch.long, device=prompt_ids.device)
+        mask = torch.zeros(bsz, width, dtype=torch.bool, device=prompt_ids.device)
+        source = torch.full((bsz, width), SOURCE_DATA, dtype=torch.int8, device=prompt_ids.device)
+        tokens[:, : completion_ids.shape[1]] = completion_ids
+        mask[:, : completion_ids.shape[1]] = completion_mask
+        rows = on_policy_rows.nonzero().squeeze(1)
+        if rows.numel():
+            # per-row seeds make the sub-batch give exactly what these rows would get in the full batch
+            sub_ids, sub_mask = _strip_left_padding(prompt_ids[rows], prompt_mask[rows])
+            gen_tokens, gen_mask, _, passes = self._generate(sub_ids, sub_mask, row_seeds[rows])
+            n = gen_tokens.shape[1]
+            tokens[rows] = self.pad_token_id
+            tokens[rows, :n] = gen_tokens
+            mask[rows] = False
+            mask[rows, :n] = gen_mask
+            source[rows] = SOURCE_STUDENT
+            stats["forward_passes"] = float(passes)
+        return tokens, mask, source
+
+
+def _strip_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns that are padding in every row of a left-padded sub-batch (fewer columns to attend over)."""
+    drop = int((mask.sum(0) == 0).sum())
+    return ids[:, drop:], mask[:, drop:]
+
+
+def _check_completions(prompt_ids, completion_ids, completion_mask, mode: str) -> None:
+    if completion_ids is None or completion_mask is None:
+        raise ValueError(f"mode {mode!r} needs the dataset's completion_ids and completion_mask (B, C)")
+    bsz = prompt_ids.shape[0]
+    if completion_ids.ndim != 2 or completion_ids.shape != completion_mask.shape or completion_ids.shape[0] != bsz:
+        raise ValueError(
+            f"completion_ids {tuple(completion_ids.shape)} and completion_mask {tuple(completion_mask.shape)} must "
+            f"both be (B, C) with B = {bsz} (the prompt batch size)"
+        )
+    mask = completion_mask.long()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("completion_mask must contain only 0 and 1")
+    if completion_ids.shape[1] > 1 and not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        raise ValueError("dataset completions must be RIGHT-padded (each completion_mask row is 1...1 0...0)")
