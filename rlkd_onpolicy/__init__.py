@@ -5,3 +5,15 @@
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {"RLKDConfig": "rlkd_onpolicy.trainer", "RLKDTrainer": "rlkd_onpolicy.trainer"}
+__all__ = ["RLKDConfig", "RLKDTrainer", "__version__"]
+
+
+def __getattr__(name: str):
+    # The trainer pulls in transformers and trl: load it on first use, not on `import rlkd_onpolicy`.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rlkd_onpolicy' has no attribute {name!r}")

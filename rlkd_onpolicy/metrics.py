@@ -17,6 +17,42 @@ def _hard_ranks(values: torch.Tensor) -> torch.Tensor:
     return values.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).to(torch.float64) + 1
 
 
+def _check_ks(ks: tuple[int, ...], vocab: int) -> None:
+    if not ks or any(not 1 <= k <= vocab for k in ks):
+        raise ValueError(f"ks={ks} must be a non-empty tuple of integers in [1, V={vocab}].")
+
+
+def _counted_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if mask is None else rows[mask.reshape(-1)]
+
+
+def _overlaps(student_top: torch.Tensor, teacher_top: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    """CR@k and MOR@k from each side's sorted top ids `(n, ≥ max(ks))`; 0.0 for an empty selection."""
+    result: dict[str, float] = {}
+    empty = student_top.shape[0] == 0
+    for k in sorted(ks):
+        same = (teacher_top[:, :k] == student_top[:, :k]).all(-1)
+        result[f"cr@{k}"] = 0.0 if empty else same.double().mean().item()
+        result[f"mor@{k}"] = 0.0 if empty else topk_overlap(teacher_top[:, :k], student_top[:, :k]).mean().item()
+    return result
+
+
+@torch.no_grad()
+def topk_overlap_metrics(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5),
+    mask: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """CR@k and MOR@k against a sparse teacher: `teacher_topk_ids (..., K)` sorted best first, K ≥ max(ks)."""
+    _check_ks(ks, min(student_logits.shape[-1], teacher_topk_ids.shape[-1]))
+    check_mask(mask, student_logits.shape[:-1])
+    student = _counted_rows(student_logits, mask)
+    teacher_top = _counted_rows(teacher_topk_ids, mask)
+    return _overlaps(student.topk(max(ks), dim=-1).indices, teacher_top, ks)
+
+
 @torch.no_grad()
 def topk_agreement(
     student_logits: torch.Tensor,
@@ -40,23 +76,14 @@ def topk_agreement(
             "the same shape (..., V)."
         )
     vocab = student_logits.shape[-1]
-    if not ks or any(not 1 <= k <= vocab for k in ks):
-        raise ValueError(f"ks={ks} must be a non-empty tuple of integers in [1, V={vocab}].")
+    _check_ks(ks, vocab)
     check_mask(mask, student_logits.shape[:-1])
-    student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.reshape(-1, vocab)
-    if mask is not None:
-        keep = mask.reshape(-1)
-        student, teacher = student[keep], teacher[keep]
-    result: dict[str, float] = {}
+    student, teacher = _counted_rows(student_logits, mask), _counted_rows(teacher_logits, mask)
     k_max = max(ks)
     teacher_top = teacher.topk(k_max, dim=-1).indices  # sorted, best first
     student_top = student.topk(k_max, dim=-1).indices
+    result = _overlaps(student_top, teacher_top, ks)
     empty = student.shape[0] == 0
-    for k in sorted(ks):
-        same = (teacher_top[:, :k] == student_top[:, :k]).all(-1)
-        result[f"cr@{k}"] = 0.0 if empty else same.double().mean().item()
-        result[f"mor@{k}"] = 0.0 if empty else topk_overlap(teacher_top[:, :k], student_top[:, :k]).mean().item()
     total = 0.0
     for rows, ids in union_groups(teacher_top, student_top, "exact"):
         if ids.shape[-1] == 1:

@@ -1,0 +1,154 @@
+"""`RLKDConfig`: `transformers.TrainingArguments` plus the distillation fields, each with help text and a range check.
+
+Every field maps one to one onto a key of the training YAMLs in `configs/` (read with `TrlParser`, `--config`).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from rlkd_onpolicy.losses.divergences import LOSSES, MISSING_MASS
+from rlkd_onpolicy.losses.ranking import UNIONS
+
+SAMPLING_MODES = ("off_policy", "seq_kd", "on_policy", "mixed", "speculative")
+VERIFY_ON = ("raw", "warped")
+NONFINITE_POLICIES = ("error", "skip")
+
+
+@dataclass
+class RLKDConfig(TrainingArguments):
+    """Training arguments for `RLKDTrainer`. Defaults follow the papers: SKD K = 25 and draft 5 (Xu et al. 2024),
+    RLKD k = 5 with weight 2 (Peng & Zhang 2024), GKD's λ = 0.5 for `mixed` (Agarwal et al. 2024).
+
+    Unlike TRL's configs, nothing here defaults to bf16, so a config built on a CPU-only machine just works.
+    """
+
+    # -- sampling ------------------------------------------------------------------------------------------------
+    sampling_mode: str = field(
+        default="on_policy",
+        metadata={"help": f"Where completions come from: one of {SAMPLING_MODES}. off_policy = the dataset's "
+                          "completion; seq_kd = the teacher generates; on_policy = the student generates; mixed = "
+                          "per sequence on-policy with probability lmbda, else the dataset; speculative = the student "
+                          "proposes and the teacher replaces tokens outside its top-skd_top_k (SKD)."},
+    )
+    lmbda: float = field(
+        default=0.5, metadata={"help": "mixed mode: probability that a sequence is on-policy [0, 1]."}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Generated completion length limit (> 0)."})
+    sampling_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of the student's sampling (> 0). Separate from the loss's."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the student, in (0, 1]."})
+    teacher_sampling_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature of the teacher's samples in seq_kd and SKD replacements (≥ 0; 0 = argmax)."},
+    )
+    skd_top_k: int = field(
+        default=25, metadata={"help": "SKD: a proposed token stays if in the teacher's top-K (≥ 1)."}
+    )
+    skd_draft_len: int = field(
+        default=5, metadata={"help": "SKD: tokens the student drafts per teacher check (≥ 1)."}
+    )
+    skd_verify_on: str = field(
+        default="raw",
+        metadata={"help": f"SKD: whether the top-K test reads the teacher's raw or warped distribution {VERIFY_ON}; "
+                          "the released SKD code tests the warped one."},
+    )
+    # -- the loss ------------------------------------------------------------------------------------------------
+    loss: str = field(default="fkl", metadata={"help": f"KD divergence, one of {LOSSES} (p = teacher, q = student)."})
+    beta: float = field(default=0.5, metadata={"help": "JSD(β) interpolation in [0, 1]; 0 = fkl, 1 = rkl."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL α in [0, 1] (DistiLLM: 0.1)."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of the loss (> 0), applied to both models' logits."}
+    )
+    rank_weight: float = field(
+        default=2.0, metadata={"help": "Weight of the RLKD ranking loss (≥ 0); 0 turns it off; 2 is the paper's."}
+    )
+    rank_k: int = field(default=5, metadata={"help": "Top-k of each model in the ranking loss (≥ 1)."})
+    rank_union: str = field(
+        default="exact", metadata={"help": f"Union of both top-k sets, one of {UNIONS} (concat = released code)."}
+    )
+    rank_dynamic_weighting: bool = field(
+        default=False, metadata={"help": "Scale each token's KD term by its top-k overlap / k (RLKD's option)."}
+    )
+    rank_regularization_strength: float = field(
+        default=1.0, metadata={"help": "ε of the soft rank (> 0); RLKD uses 1.0."}
+    )
+    teacher_top_k: int | None = field(
+        default=None,
+        metadata={"help": "None = the teacher's full vocabulary; an int K = a sparse teacher (its top-K on the device "
+                          "right after its forward pass, as a cache stores it)."},
+    )
+    missing_mass: str = field(
+        default="tail", metadata={"help": f"Sparse teacher: the mass outside the top-K, one of {MISSING_MASS}."}
+    )
+    # -- data and models -----------------------------------------------------------------------------------------
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Prompt + dataset completion tokens at most; longer completions are cut."}
+    )
+    max_prompt_length: int | None = field(
+        default=512, metadata={"help": "Prompts keep their last max_prompt_length tokens (the end is what matters)."}
+    )
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "kwargs for from_pretrained when `model` is a name or path."}
+    )
+    teacher_model_init_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "kwargs for from_pretrained when `teacher_model` is a name or path."}
+    )
+    teacher_offload_to_cpu: bool = field(
+        default=False, metadata={"help": "DeepSpeed ZeRO-3 only: keep the teacher's sharded weights in CPU memory."}
+    )
+    metric_ks: list[int] = field(
+        default_factory=lambda: [1, 5], metadata={"help": "k of the logged CR@k / MOR@k of student vs teacher."}
+    )
+    # Our columns are prompt/completion strings, tokenised by the trainer: keep them.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the prompt/completion columns."})
+
+    def __post_init__(self):
+        self._check()
+        super().__post_init__()
+
+    def _check(self) -> None:
+        def fail(name: str, value: Any, rule: str) -> None:
+            raise ValueError(f"RLKDConfig.{name}={value!r} is invalid: {rule}")
+
+        if self.sampling_mode not in SAMPLING_MODES:
+            fail("sampling_mode", self.sampling_mode, f"use one of {SAMPLING_MODES}.")
+        if self.loss not in LOSSES:
+            fail("loss", self.loss, f"use one of {LOSSES}.")
+        if self.rank_union not in UNIONS:
+            fail("rank_union", self.rank_union, f"use one of {UNIONS}.")
+        if self.missing_mass not in MISSING_MASS:
+            fail("missing_mass", self.missing_mass, f"use one of {MISSING_MASS}.")
+        if self.skd_verify_on not in VERIFY_ON:
+            fail("skd_verify_on", self.skd_verify_on, f"use one of {VERIFY_ON}.")
+        for name in ("lmbda", "beta", "skew_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                fail(name, getattr(self, name), "it must be in [0, 1].")
+        for name in ("temperature", "sampling_temperature", "rank_regularization_strength"):
+            if not getattr(self, name) > 0:
+                fail(name, getattr(self, name), "it must be > 0.")
+        if not self.teacher_sampling_temperature >= 0:
+            fail("teacher_sampling_temperature", self.teacher_sampling_temperature, "it must be ≥ 0 (0 = argmax).")
+        if not 0.0 < self.top_p <= 1.0:
+            fail("top_p", self.top_p, "it must be in (0, 1].")
+        if self.rank_weight < 0:
+            fail("rank_weight", self.rank_weight, "it must be ≥ 0 (0 turns the ranking loss off).")
+        for name in ("max_new_tokens", "skd_top_k", "skd_draft_len", "rank_k"):
+            if getattr(self, name) < 1:
+                fail(name, getattr(self, name), "it must be ≥ 1.")
+        for name in ("max_length", "max_prompt_length", "teacher_top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                fail(name, value, "it must be ≥ 1 or None.")
+        if self.teacher_top_k is not None and self.rank_weight > 0 and self.rank_k > self.teacher_top_k:
+            fail("rank_k", self.rank_k, f"with a sparse teacher it must be ≤ teacher_top_k={self.teacher_top_k}.")
+        if (
+            self.max_length is not None
+            and self.max_prompt_length is not None
+            and self.max_prompt_length >= self.max_length
+        ):
+            fail("max_prompt_length", self.max_prompt_length, f"it must be < max_length={self.max_length}.")
+        if not self.metric_ks or any(k < 1 for k in self.metric_ks):
+            fail("metric_ks", self.metric_ks, "use a non-empty list of integers ≥ 1.")

@@ -1,0 +1,84 @@
+"""Bad input reaches a clear error before training starts."""
+
+import pytest
+from tiny_models import tiny_llama, tiny_pairs, tiny_tokenizer
+
+from rlkd_onpolicy import RLKDConfig, RLKDTrainer
+
+
+def _args(tmp_path, **kw):
+    return RLKDConfig(output_dir=str(tmp_path / "out"), report_to="none", max_steps=1, save_strategy="no",
+                      per_device_train_batch_size=2, max_new_tokens=4, **kw)
+
+
+def _trainer(tmp_path, train, student_vocab=64, teacher=None, tokenizer=None, **kw):
+    return RLKDTrainer(
+        model=tiny_llama(student_vocab, seed=0), teacher_model=teacher or tiny_llama(64, seed=1),
+        args=_args(tmp_path, **kw), train_dataset=train, processing_class=tokenizer or tiny_tokenizer(),
+    )
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sampling_mode", "greedy", "sampling_mode='greedy' is invalid"),
+        ("loss", "kl", "loss='kl' is invalid"),
+        ("lmbda", 1.5, "lmbda=1.5 is invalid"),
+        ("beta", -0.1, "beta=-0.1 is invalid"),
+        ("temperature", 0.0, "temperature=0.0 is invalid"),
+        ("top_p", 0.0, "top_p=0.0 is invalid"),
+        ("skd_top_k", 0, "skd_top_k=0 is invalid"),
+        ("skd_draft_len", 0, "skd_draft_len=0 is invalid"),
+        ("rank_weight", -1.0, "rank_weight=-1.0 is invalid"),
+        ("skd_verify_on", "both", "skd_verify_on='both' is invalid"),
+        ("missing_mass", "zero", "missing_mass='zero' is invalid"),
+    ],
+)
+def test_config_range_checks_name_the_value(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        _args(tmp_path, **{field: value})
+
+
+def test_rank_k_larger_than_sparse_teacher(tmp_path):
+    with pytest.raises(ValueError, match="rank_k=9 is invalid.*teacher_top_k=4"):
+        _args(tmp_path, teacher_top_k=4, rank_k=9)
+
+
+def test_missing_columns(tmp_path):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['completion'\]"):
+        _trainer(tmp_path, [{"prompt": "the cat", "answer": "le chat"}])
+
+
+def test_empty_dataset(tmp_path):
+    import datasets
+
+    empty = datasets.Dataset.from_dict({"prompt": [], "completion": []})
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        _trainer(tmp_path, empty)
+
+
+def test_vocabulary_mismatch_beyond_padding(tmp_path):
+    # the student's output layer (40 rows) does not even cover the tokenizer (54 tokens): another tokenizer
+    with pytest.raises(ValueError, match="student vocabulary size 40 != teacher vocabulary size 64"):
+        _trainer(tmp_path, tiny_pairs(4), student_vocab=40)
+
+
+def test_teacher_with_another_tokenizer(tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(64, seed=1).save_pretrained(teacher_dir)
+    tiny_tokenizer(extra_words=("zebra",)).save_pretrained(teacher_dir)
+    with pytest.raises(ValueError, match="has another tokenizer"):
+        _trainer(tmp_path, tiny_pairs(4), teacher=str(teacher_dir))
+
+
+def test_teacher_path_that_does_not_exist(tmp_path):
+    with pytest.raises((OSError, ValueError)):
+        _trainer(tmp_path, tiny_pairs(4), teacher=str(tmp_path / "no-such-teacher"))
+
+
+def test_long_prompts_are_truncated_from_the_left(tmp_path):
+    long = [{"prompt": "translate " + "the cat " * 40, "completion": "le chat"}] * 4
+    trainer = _trainer(tmp_path, long, sampling_mode="off_policy", max_length=16, max_prompt_length=8)
+    row = trainer.train_dataset[0]
+    assert len(row["prompt_ids"]) == 8 and len(row["prompt_ids"]) + len(row["completion_ids"]) <= 16
+    trainer.train()
