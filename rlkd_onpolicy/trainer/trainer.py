@@ -9,6 +9,7 @@ One optimizer step, read top to bottom:
 So gradient accumulation and data parallelism give exactly the gradient of one big batch.
 """
 
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -284,6 +285,23 @@ class RLKDTrainer(Trainer):
             loss = out.loss / num_items_in_batch * self.accelerator.num_processes
         self._record(student_logits.detach(), teacher_logits, teacher_kwargs, mask, out, rollout)
         return (loss, {"rollout": rollout}) if return_outputs else loss
+
+    # -- checkpoints: the rollout generator is part of the training state ---------------------------------------
+
+    def _rollout_rng_file(self, folder: str) -> str:
+        return os.path.join(folder, f"rollout_rng_state_{self.accelerator.process_index}.pth")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        torch.save(self.rollout_generator.get_state(), self._rollout_rng_file(output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # Restored here, before the first step: Trainer restores its own RNG states only after fetching the first
+        # batches on resume, and fetching a batch is where our rollouts draw from this generator.
+        path = self._rollout_rng_file(resume_from_checkpoint)
+        if os.path.isfile(path):
+            self.rollout_generator.set_state(torch.load(path, weights_only=True))
 
     # -- logging -------------------------------------------------------------------------------------------------
 

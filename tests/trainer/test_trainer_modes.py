@@ -3,6 +3,7 @@
 import pytest
 import torch
 from tiny_models import tiny_llama, tiny_pairs, tiny_tokenizer
+from transformers import TrainerCallback
 
 from rlkd_onpolicy import RLKDConfig, RLKDTrainer
 
@@ -97,3 +98,35 @@ def test_vocabulary_padding_rows_are_accepted_and_cut(tmp_path):
                           max_steps=1), train_dataset=tiny_pairs(4), processing_class=tiny_tokenizer())
     assert trainer.vocab_size == len(tiny_tokenizer())
     trainer.train()
+
+
+class _StopAfter(TrainerCallback):
+    """Interrupts a run after `step` optimizer steps, as a crash would (the checkpoint of that step is saved)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("mode", ["mixed", "speculative"])  # λ coins and row seeds come from the rollout generator
+def test_resume_from_checkpoint_reproduces_the_run(tmp_path, mode):
+    def run(out, stop=None, resume=None):
+        student, teacher = _models()
+        args = _config(tmp_path / out, sampling_mode=mode, max_steps=4, save_strategy="steps", save_steps=2,
+                       per_device_train_batch_size=2)
+        trainer = RLKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=tiny_pairs(12),
+                              processing_class=tiny_tokenizer(), callbacks=[_StopAfter(stop)] if stop else None)
+        trainer.train(resume_from_checkpoint=resume)
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        return {n: p.detach().clone() for n, p in student.named_parameters()}, losses
+
+    full, full_losses = run("full")
+    run("partial", stop=2)
+    resumed, resumed_losses = run("partial", resume=str(tmp_path / "partial" / "out" / "checkpoint-2"))
+    assert len(full_losses) == 4
+    assert resumed_losses == full_losses  # the checkpoint brings the first two entries of the log history
+    for name, value in full.items():
+        assert torch.equal(resumed[name], value), name
