@@ -1,0 +1,179 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from cache_fixtures import make_examples, make_teacher, make_tokenizer
+
+from rlkd_onpolicy.cache import TeacherCache, build_cache, topk_from_logits
+from rlkd_onpolicy.cache.__main__ import load_prompt_completion_dataset, main
+from rlkd_onpolicy.cache.format import SUBNORMAL_ERROR, UNIT_ROUNDOFF
+from rlkd_onpolicy.data import tokenize_example
+
+
+def expected_topk(teacher, tokenizer, example, k, temperature):
+    """The teacher's top-K for one example, from an unbatched forward pass (float32)."""
+    tok = tokenize_example(tokenizer, example)
+    with torch.no_grad():
+        logits = teacher(input_ids=torch.tensor([tok.input_ids])).logits[0]
+    start, length = tok.completion_start, len(tok.completion_ids)
+    return tok, topk_from_logits(logits[start - 1 : start - 1 + length], k, temperature)
+
+
+# each storage dtype, with its documented error bound; float32 is exact
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip_ids_exact_logprobs_within_bound(tiny, tmp_path, dtype):
+    _, _, tokenizer, teacher = tiny
+    examples = make_examples(5)
+    build_cache(teacher, tokenizer, examples, str(tmp_path), k=7, temperature=0.7, dtype=dtype, batch_size=1,
+                shard_size=2, teacher_name="tiny", progress=False)
+    cache = TeacherCache.open(str(tmp_path), tokenizer=tokenizer, expect_teacher="tiny", expect_k=7,
+                              expect_temperature=0.7)
+    cache.verify()
+    assert len(cache) == 5
+    for i, example in enumerate(examples):
+        tok, (ids, logprobs, tail) = expected_topk(teacher, tokenizer, example, 7, 0.7)
+        entry = cache[i]
+        assert entry["input_ids"].tolist() == tok.input_ids
+        assert entry["completion_start"] == tok.completion_start
+        assert entry["topk_ids"].shape == (len(tok.completion_ids), 7)
+        assert torch.equal(entry["topk_ids"], ids)
+        bound = UNIT_ROUNDOFF[dtype] * logprobs.abs() + SUBNORMAL_ERROR[dtype]
+        assert ((entry["topk_logprobs"] - logprobs).abs() <= bound).all()
+        assert torch.equal(entry["tail_logprob"], tail)  # the tail is always stored in float32
+
+
+def test_batched_build_matches_unbatched(tiny, tmp_path):
+    _, _, tokenizer, teacher = tiny
+    examples = make_examples(7)  # different lengths, so right padding is exercised
+    build_cache(teacher, tokenizer, examples, str(tmp_path), k=5, dtype="float32", batch_size=4, shard_size=3,
+                progress=False)
+    cache = TeacherCache.open(str(tmp_path), tokenizer=tokenizer)
+    for i, example in enumerate(examples):
+        _, (ids, logprobs, tail) = expected_topk(teacher, tokenizer, example, 5, 1.0)
+        assert torch.equal(cache[i]["topk_ids"], ids)
+        torch.testing.assert_close(cache[i]["topk_logprobs"], logprobs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache[i]["tail_logprob"], tail, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_from_logits():
+    logits = torch.randn(3, 4, 50, dtype=torch.float64)
+    ids, logprobs, tail = topk_from_logits(logits, 6, temperature=2.0)
+    dense = torch.log_softmax(logits / 2.0, -1)
+    assert ids.shape == (3, 4, 6) and logprobs.dtype == torch.float32
+    torch.testing.assert_close(logprobs, dense.gather(-1, ids).float())
+    assert (logprobs[..., :-1] >= logprobs[..., 1:]).all()
+    torch.testing.assert_close(torch.logaddexp(logprobs.logsumexp(-1), tail), torch.zeros(3, 4), atol=1e-6, rtol=0)
+    _, _, full_tail = topk_from_logits(logits, 50)
+    assert torch.isneginf(full_tail).all()  # K = V: no tail mass
+    with pytest.raises(ValueError, match="k=51"):
+        topk_from_logits(logits, 51)
+
+
+def test_truncated_and_flipped_shards_are_detected(tiny, tmp_path):
+    _, _, tokenizer, teacher = tiny
+    build_cache(teacher, tokenizer, make_examples(6), str(tmp_path), k=4, shard_size=2, progress=False)
+    shard = tmp_path / "shard-00001.safetensors"
+    original = shard.read_bytes()
+
+    shard.write_bytes(original[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        TeacherCache.open(str(tmp_path), tokenizer=tokenizer)
+
+    flipped = bytearray(original)
+    flipped[len(flipped) - 20] ^= 0x01  # inside the tensor data, same size: only the checksum can see it
+    shard.write_bytes(bytes(flipped))
+    cache = TeacherCache.open(str(tmp_path), tokenizer=tokenizer)
+    assert cache[0]["topk_ids"].shape[1] == 4  # shard 0 is intact and readable
+    with pytest.raises(ValueError, match="SHA-256"):
+        cache[2]
+    with pytest.raises(ValueError, match="SHA-256"):
+        cache.verify()
+
+
+def test_interrupted_build_resumes_without_duplicates(tiny, tmp_path):
+    _, _, tokenizer, teacher = tiny
+    examples = make_examples(11)
+    out = tmp_path / "partial"
+
+    def crash_after_shard_2(index):
+        if index == 1:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cache(teacher, tokenizer, examples, str(out), k=4, shard_size=2, progress=False,
+                    on_shard_written=crash_after_shard_2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert manifest["complete"] is False
+    with pytest.raises(ValueError, match="incomplete"):
+        TeacherCache.open(str(out), tokenizer=tokenizer)
+    assert len(TeacherCache.open(str(out), tokenizer=tokenizer, allow_partial=True)) == 4
+    # What a crash mid-write leaves: a shard renamed but not yet listed, and a temporary file.
+    (out / "shard-00002.safetensors").write_bytes(b"half a shard")
+    (out / "shard-00003.safetensors.tmp-12345").write_bytes(b"partial")
+
+    written = []
+    build_cache(teacher, tokenizer, examples, str(out), k=4, shard_size=2, progress=False,
+                on_shard_written=written.append)
+    assert written == [2, 3, 4, 5]  # shards 0 and 1 were not redone
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+    fresh = tmp_path / "fresh"
+    build_cache(teacher, tokenizer, examples, str(fresh), k=4, shard_size=2, progress=False)
+    resumed, reference = TeacherCache.open(str(out), tokenizer=tokenizer), TeacherCache.open(str(fresh))
+    resumed.verify()
+    assert len(resumed) == len(reference) == 11
+    for i in range(11):
+        for key, value in reference[i].items():
+            assert torch.equal(torch.as_tensor(resumed[i][key]), torch.as_tensor(value)), (i, key)
+
+
+def test_mismatches_fail_clearly(tiny, tmp_path):
+    _, _, tokenizer, teacher = tiny
+    build_cache(teacher, tokenizer, make_examples(3), str(tmp_path), k=4, temperature=1.0, shard_size=2,
+                teacher_name="tiny", progress=False)
+    other_tokenizer = make_tokenizer(["completely different words here", "and a second line"])
+    with pytest.raises(ValueError, match="another tokenizer"):
+        TeacherCache.open(str(tmp_path), tokenizer=other_tokenizer)
+    with pytest.raises(ValueError, match="teacher 'tiny', not 'big'"):
+        TeacherCache.open(str(tmp_path), expect_teacher="big")
+    with pytest.raises(ValueError, match="k=4, not the k=8"):
+        TeacherCache.open(str(tmp_path), expect_k=8)
+    with pytest.raises(ValueError, match="temperature=1.0, not 2.0"):
+        TeacherCache.open(str(tmp_path), expect_temperature=2.0)
+    with pytest.raises(ValueError, match=r"another header \(k: cached 4, requested 8"):
+        build_cache(teacher, tokenizer, make_examples(3), str(tmp_path), k=8, shard_size=2, teacher_name="tiny",
+                    progress=False)
+    with pytest.raises(ValueError, match="not a teacher cache"):
+        TeacherCache.open(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="tokens but the teacher's logits have only V=8"):
+        build_cache(make_teacher(8), tokenizer, make_examples(3), str(tmp_path / "small"), k=4, progress=False)
+
+
+def test_dataset_loading_from_saved_folder(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(make_examples(3))}).save_to_disk(tmp_path / "saved")
+    loaded = load_prompt_completion_dataset(str(tmp_path / "saved"), "train")
+    assert loaded[1] == make_examples(3)[1]
+    with pytest.raises(ValueError, match="--split 'test'"):
+        load_prompt_completion_dataset(str(tmp_path / "saved"), "test")
+
+
+def test_cli_build_and_verify(tiny, tmp_path, capsys):
+    folder, data, tokenizer, _ = tiny
+    out = tmp_path / "cli"
+    command = [sys.executable, "-m", "rlkd_onpolicy.cache", "build", "--teacher", str(folder), "--dataset",
+               str(data), "--out", str(out), "--k", "4", "--shard-size", "4", "--batch-size", "3",
+               "--dtype", "bfloat16", "--max-length", "12", "--temperature", "0.5", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    cache = TeacherCache.open(str(out), tokenizer=tokenizer, expect_teacher=str(folder), expect_k=4,
+                              expect_temperature=0.5)
+    assert len(cache) == 11 and len(cache.shards) == 3
+    assert all(len(cache[i]["input_ids"]) <= 12 for i in range(11))
+    assert main(["verify", str(out)]) == 0  # in-process: a second interpreter start costs seconds
+    assert "11 examples in 3 shards, all checksums match" in capsys.readouterr().out
