@@ -8,7 +8,7 @@
 
 import torch
 
-from rlkd_onpolicy.losses.ranking import _pearson, topk_overlap, union_groups
+from rlkd_onpolicy.losses.ranking import pearson_rows, topk_overlap, union_groups
 from rlkd_onpolicy.losses.reduction import check_mask
 
 
@@ -89,7 +89,7 @@ def topk_agreement(
         if ids.shape[-1] == 1:
             total += rows.numel()
             continue
-        rho, _ = _pearson(_hard_ranks(student[rows].gather(-1, ids)), _hard_ranks(teacher[rows].gather(-1, ids)))
+        rho, _ = pearson_rows(_hard_ranks(student[rows].gather(-1, ids)), _hard_ranks(teacher[rows].gather(-1, ids)))
         total += rho.sum().item()
     result[f"spearman@{k_max}"] = 0.0 if empty else total / student.shape[0]
     return result

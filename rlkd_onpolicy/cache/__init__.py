@@ -5,7 +5,6 @@ Build: `python -m rlkd_onpolicy.cache build --teacher PATH --dataset FILE --out 
 
 from rlkd_onpolicy.cache.format import FORMAT_VERSION, CacheHeader, tokenizer_hash
 from rlkd_onpolicy.cache.reader import TeacherCache
-from rlkd_onpolicy.cache.topk import topk_from_logits
 from rlkd_onpolicy.cache.writer import build_cache
 
-__all__ = ["FORMAT_VERSION", "CacheHeader", "TeacherCache", "build_cache", "tokenizer_hash", "topk_from_logits"]
+__all__ = ["FORMAT_VERSION", "CacheHeader", "TeacherCache", "build_cache", "tokenizer_hash"]

@@ -20,8 +20,8 @@ from rlkd_onpolicy.cache.format import (
     tokenizer_hash,
     write_manifest,
 )
-from rlkd_onpolicy.cache.topk import topk_from_logits
 from rlkd_onpolicy.data import tokenize_example
+from rlkd_onpolicy.losses.divergences import teacher_topk
 
 
 def teacher_vocab_size(teacher) -> int:
@@ -54,7 +54,7 @@ def _encode_shard(examples: list, teacher, pad_id: int, k: int, temperature: flo
             offsets.append(offsets[-1] + len(example.input_ids))
             starts.append(start)
             # The logits at position t predict token t + 1: completion token j is predicted at start + j - 1.
-            top_ids, top_logprobs, tail = topk_from_logits(logits[row, start - 1 : start - 1 + length], k, temperature)
+            top_ids, top_logprobs, tail = teacher_topk(logits[row, start - 1 : start - 1 + length], k, temperature)
             topk_ids.append(top_ids.to(torch.int32).cpu())
             # Clamp so an fp16 store never turns a very negative (but finite) log-prob into -inf.
             topk_logprobs.append(top_logprobs.clamp(min=torch.finfo(storage).min).to(storage).cpu())

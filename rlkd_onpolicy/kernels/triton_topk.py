@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from rlkd_onpolicy.kernels.reference import TopKLossOptions, chunk_bounds
-from rlkd_onpolicy.losses.ranking import _pearson, soft_rank, sparse_teacher_values, union_groups
+from rlkd_onpolicy.losses.ranking import pearson_rows, soft_rank, sparse_teacher_values, union_groups
 
 _CODES = {"fkl": 0, "rkl": 1, "jsd": 2, "tvd": 3, "skl": 4, "srkl": 5, "zero": 6}
 # float32 min: log 0 is clamped here, as `losses.divergences._finite_logs` does (a constexpr: compiled kernels may
@@ -240,7 +240,7 @@ def _rank_chunk(logits, ids, logprobs, tail, options: TopKLossOptions, need_grad
             with torch.no_grad():
                 teacher_values = sparse_teacher_values(candidates, ids[rows], teacher_lp[rows], fill[rows])
                 teacher_ranks = soft_rank(teacher_values, options.regularization_strength)
-            rho, defined = _pearson(student_ranks, teacher_ranks)
+            rho, defined = pearson_rows(student_ranks, teacher_ranks)
             group_loss = torch.where(defined, 1.0 - rho, torch.zeros_like(rho))
             if need_grad:
                 (grad,) = torch.autograd.grad(group_loss.sum(), values)

@@ -65,7 +65,7 @@ def soft_rank(values: torch.Tensor, regularization_strength: float = 1.0) -> tor
     return ranks_sorted.gather(-1, perm.argsort(dim=-1))
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise Pearson correlation of `a, b (m, n)` and whether it is defined (neither row constant)."""
     a = a - a.mean(-1, keepdim=True)
     b = b - b.mean(-1, keepdim=True)
@@ -122,7 +122,7 @@ def _rank_rows(
         student_ranks = soft_rank(student[rows].gather(-1, ids), regularization_strength)
         with torch.no_grad():
             teacher_ranks = soft_rank(teacher_values_fn(rows, ids), regularization_strength)
-        rho, defined = _pearson(student_ranks, teacher_ranks)
+        rho, defined = pearson_rows(student_ranks, teacher_ranks)
         loss = loss.index_put((rows,), torch.where(defined, 1.0 - rho, torch.zeros_like(rho)))
     return loss
 

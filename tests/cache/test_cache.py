@@ -7,10 +7,11 @@ import pytest
 import torch
 from cache_fixtures import make_examples, make_teacher, make_tokenizer
 
-from rlkd_onpolicy.cache import TeacherCache, build_cache, topk_from_logits
+from rlkd_onpolicy.cache import TeacherCache, build_cache
 from rlkd_onpolicy.cache.__main__ import load_prompt_completion_dataset, main
 from rlkd_onpolicy.cache.format import SUBNORMAL_ERROR, UNIT_ROUNDOFF
 from rlkd_onpolicy.data import tokenize_example
+from rlkd_onpolicy.losses import teacher_topk
 
 
 def expected_topk(teacher, tokenizer, example, k, temperature):
@@ -19,7 +20,7 @@ def expected_topk(teacher, tokenizer, example, k, temperature):
     with torch.no_grad():
         logits = teacher(input_ids=torch.tensor([tok.input_ids])).logits[0]
     start, length = tok.completion_start, len(tok.completion_ids)
-    return tok, topk_from_logits(logits[start - 1 : start - 1 + length], k, temperature)
+    return tok, teacher_topk(logits[start - 1 : start - 1 + length], k, temperature)
 
 
 # each storage dtype, with its documented error bound; float32 is exact
@@ -58,18 +59,20 @@ def test_batched_build_matches_unbatched(tiny, tmp_path):
         torch.testing.assert_close(cache[i]["tail_logprob"], tail, rtol=1e-5, atol=1e-5)
 
 
-def test_topk_from_logits():
+def test_teacher_topk():
     logits = torch.randn(3, 4, 50, dtype=torch.float64)
-    ids, logprobs, tail = topk_from_logits(logits, 6, temperature=2.0)
+    ids, logprobs, tail = teacher_topk(logits, 6, temperature=2.0)
     dense = torch.log_softmax(logits / 2.0, -1)
-    assert ids.shape == (3, 4, 6) and logprobs.dtype == torch.float32
-    torch.testing.assert_close(logprobs, dense.gather(-1, ids).float())
+    assert ids.shape == (3, 4, 6) and logprobs.dtype == torch.float64  # float32 for half inputs, else kept
+    torch.testing.assert_close(logprobs, dense.gather(-1, ids))
+    assert teacher_topk(logits.bfloat16(), 6).logprobs.dtype == torch.float32
     assert (logprobs[..., :-1] >= logprobs[..., 1:]).all()
-    torch.testing.assert_close(torch.logaddexp(logprobs.logsumexp(-1), tail), torch.zeros(3, 4), atol=1e-6, rtol=0)
-    _, _, full_tail = topk_from_logits(logits, 50)
+    zeros = torch.zeros(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(torch.logaddexp(logprobs.logsumexp(-1), tail), zeros, atol=1e-12, rtol=0)
+    _, _, full_tail = teacher_topk(logits, 50)
     assert torch.isneginf(full_tail).all()  # K = V: no tail mass
     with pytest.raises(ValueError, match="k=51"):
-        topk_from_logits(logits, 51)
+        teacher_topk(logits, 51)
 
 
 def test_truncated_and_flipped_shards_are_detected(tiny, tmp_path):
