@@ -32,7 +32,9 @@ def teacher_vocab_size(teacher) -> int:
     return int(teacher.config.vocab_size)
 
 
-def _encode_shard(examples: list, teacher, pad_id: int, k: int, temperature: float, batch_size: int, dtype: str):
+def _encode_shard(
+    examples: list, teacher, pad_id: int, k: int, temperature: float, batch_size: int, dtype: str, n_tokens: int
+):
     """Run the teacher over tokenised examples and pack them into the shard tensors of format.py."""
     device = next(teacher.parameters()).device
     input_ids, offsets, starts, topk_ids, topk_logprobs, tails = [], [0], [], [], [], []
@@ -47,7 +49,9 @@ def _encode_shard(examples: list, teacher, pad_id: int, k: int, temperature: flo
             attention[row, : len(example.input_ids)] = 1
         # Right padding: the real positions see only real tokens under the causal mask, so their logits are exact.
         with torch.inference_mode():
-            logits = teacher(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+            # The distribution is over the tokenizer's tokens: padding rows of the output layer are cut, as the
+            # trainer cuts an online teacher's logits (Qwen2.5: 151,936 rows for 151,665 tokens).
+            logits = teacher(input_ids=ids.to(device), attention_mask=attention.to(device)).logits[..., :n_tokens]
         for row, example in enumerate(batch):
             start, length = example.completion_start, len(example.completion_ids)
             input_ids.append(torch.tensor(example.input_ids, dtype=torch.int32))
@@ -111,7 +115,7 @@ def build_cache(
         teacher=teacher_name or getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__,
         teacher_revision=teacher_revision,
         tokenizer_hash=tokenizer_hash(tokenizer),
-        vocab_size=vocab,
+        vocab_size=len(tokenizer),
         k=k,
         temperature=float(temperature),
         dtype=dtype,
@@ -157,7 +161,7 @@ def build_cache(
                     "predicting it; give it a prompt (or a tokenizer that adds BOS)."
                 )
             examples.append(example)
-        tensors = _encode_shard(examples, teacher, pad_id, k, temperature, batch_size, dtype)
+        tensors = _encode_shard(examples, teacher, pad_id, k, temperature, batch_size, dtype, len(tokenizer))
         data = save(tensors, metadata={"shard": str(index), "first_example": str(first)})
         atomic_write(os.path.join(out, shard_name(index)), data)
         shards.append({"file": shard_name(index), "num_examples": last - first, "bytes": len(data),

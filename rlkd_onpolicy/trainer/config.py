@@ -80,6 +80,12 @@ class RLKDConfig(TrainingArguments):
         metadata={"help": "None = the teacher's full vocabulary; an int K = a sparse teacher (its top-K on the device "
                           "right after its forward pass, as a cache stores it)."},
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "A teacher top-k cache folder (python -m rlkd_onpolicy.cache build): the teacher is read "
+                          "from it and never loaded. off_policy and seq_kd only (a seq-KD cache is built over "
+                          "completions the teacher generated); K and temperature come from the cache."},
+    )
     missing_mass: str = field(
         default="tail", metadata={"help": f"Sparse teacher: the mass outside the top-K, one of {MISSING_MASS}."}
     )
@@ -150,5 +156,8 @@ class RLKDConfig(TrainingArguments):
             and self.max_prompt_length >= self.max_length
         ):
             fail("max_prompt_length", self.max_prompt_length, f"it must be < max_length={self.max_length}.")
+        if self.teacher_cache is not None and self.sampling_mode not in ("off_policy", "seq_kd"):
+            fail("sampling_mode", self.sampling_mode, "a teacher_cache holds the teacher on fixed sequences; modes "
+                 "that generate new ones (on_policy, mixed, speculative) need an online teacher_model.")
         if not self.metric_ks or any(k < 1 for k in self.metric_ks):
             fail("metric_ks", self.metric_ks, "use a non-empty list of integers ≥ 1.")

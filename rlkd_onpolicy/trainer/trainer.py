@@ -9,6 +9,7 @@ One optimizer step, read top to bottom:
 So gradient accumulation and data parallelism give exactly the gradient of one big batch.
 """
 
+import math
 import os
 from collections import defaultdict
 from typing import Any
@@ -75,7 +76,10 @@ class PromptCompletionCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         examples = [TokenizedExample(list(f["prompt_ids"]), list(f["completion_ids"])) for f in features]
-        return collate_prompt_completion(examples, self.pad_token_id)
+        batch = collate_prompt_completion(examples, self.pad_token_id)
+        if "example_index" in features[0]:  # where a teacher cache keeps this example
+            batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
+        return batch
 
 
 class RLKDTrainer(Trainer):
@@ -118,8 +122,8 @@ class RLKDTrainer(Trainer):
             args = RLKDConfig(output_dir="rlkd-output")
         if not isinstance(args, RLKDConfig):
             raise TypeError(f"args must be an RLKDConfig, got {type(args).__name__}.")
-        if teacher_model is None:
-            raise ValueError("teacher_model is required: a causal LM or a name/path of one.")
+        if teacher_model is None and args.teacher_cache is None:
+            raise ValueError("teacher_model is required (a causal LM or a name/path) unless args.teacher_cache is set.")
         if processing_class is None:
             if not isinstance(model, str):
                 raise ValueError("processing_class (the tokenizer) is required when model is a model object.")
@@ -129,6 +133,10 @@ class RLKDTrainer(Trainer):
             if tokenizer.eos_token_id is None:
                 raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
             tokenizer.pad_token = tokenizer.eos_token
+        self.teacher_cache = None
+        if args.teacher_cache is not None:
+            self.teacher_cache = _open_cache(args, tokenizer, teacher_model, train_dataset, eval_dataset)
+            teacher_model = None  # the cache stands for the teacher: it is never loaded
         if isinstance(teacher_model, str):
             _check_same_tokenizer(tokenizer, teacher_model)
         # Validate everything cheap before loading or tokenising anything heavy.
@@ -136,8 +144,14 @@ class RLKDTrainer(Trainer):
         if eval_dataset is not None:
             validate_prompt_completion_dataset(eval_dataset, "eval_dataset")
         model = _load_model(model, args.model_init_kwargs, "model")
-        teacher = _load_model(teacher_model, args.teacher_model_init_kwargs, "teacher_model")
+        teacher = None if teacher_model is None else _load_model(teacher_model, args.teacher_model_init_kwargs,
+                                                                  "teacher_model")
         self.vocab_size = check_vocabularies(model, teacher, tokenizer)
+        if self.teacher_cache is not None and self.teacher_cache.header.vocab_size < self.vocab_size:
+            raise ValueError(
+                f"The cache's teacher has {self.teacher_cache.header.vocab_size} vocabulary rows, fewer than the "
+                f"{self.vocab_size} tokens the student and tokenizer use: it comes from another tokenizer family."
+            )
         if peft_config is not None:
             from rlkd_onpolicy._imports import require
 
@@ -163,18 +177,23 @@ class RLKDTrainer(Trainer):
         # compute_loss divides by the step's token count itself: training_step must not divide again.
         self.loss_is_scaled_for_ga = True
 
-        teacher.eval()
-        teacher.requires_grad_(False)
-        if self.is_deepspeed_enabled:
+        self.teacher = None
+        if teacher is None:
+            pass
+        elif self.is_deepspeed_enabled:
             self.teacher = prepare_teacher(teacher, self.accelerator, offload_to_cpu=args.teacher_offload_to_cpu)
         else:
             if args.teacher_offload_to_cpu:
                 raise ValueError("teacher_offload_to_cpu=True needs DeepSpeed ZeRO-3 (see configs/accelerate/).")
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        if self.teacher is not None:
+            self.teacher.eval()
+            self.teacher.requires_grad_(False)
         self.sampler = RolloutSampler(
-            args.sampling_mode,
+            # with a cache both off_policy and seq_kd train on the cached (dataset or teacher-made) completions
+            "off_policy" if self.teacher_cache is not None else args.sampling_mode,
             self.accelerator.unwrap_model(self.model),
-            self.accelerator.unwrap_model(self.teacher),
+            None if self.teacher is None else self.accelerator.unwrap_model(self.teacher),
             lmbda=args.lmbda,
             max_new_tokens=args.max_new_tokens,
             temperature=args.sampling_temperature,
@@ -199,13 +218,15 @@ class RLKDTrainer(Trainer):
         if isinstance(dataset, list):
             dataset = datasets.Dataset.from_list(dataset)
 
-        def tokenize(example):
+        def tokenize(example, index):
             tokenized = tokenize_example(
                 tokenizer, example, max_length=args.max_length, max_prompt_length=args.max_prompt_length
             )
-            return {"prompt_ids": tokenized.prompt_ids, "completion_ids": tokenized.completion_ids}
+            return {"prompt_ids": tokenized.prompt_ids, "completion_ids": tokenized.completion_ids,
+                    "example_index": index}
 
-        return dataset.map(tokenize, remove_columns=dataset.column_names, desc="Tokenizing prompt–completion pairs")
+        return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names,
+                           desc="Tokenizing prompt–completion pairs")
 
     # -- one optimizer step --------------------------------------------------------------------------------------
 
@@ -225,7 +246,7 @@ class RLKDTrainer(Trainer):
     def _rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
         from trl.models.utils import unwrap_model_for_generation
 
-        mode = self.args.sampling_mode
+        mode = self.sampler.mode  # off_policy when a cache stands for the teacher
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as student:
             self.sampler.student = student
             if mode in ("seq_kd", "speculative"):
@@ -251,11 +272,17 @@ class RLKDTrainer(Trainer):
         student_logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
         student_logits = student_logits[:, start - 1 : -1, : self.vocab_size]
         mask = rollout.completion_mask[:, start:]
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
-            teacher_logits = teacher_logits[:, start - 1 : -1, : self.vocab_size]
+        teacher_logits = None
         teacher_kwargs: dict[str, Any] = {}
-        if args.teacher_top_k is None:
+        if self.teacher_cache is not None:
+            teacher_kwargs = self._cached_teacher(inputs["example_index"], rollout)
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=rollout.sequences, attention_mask=rollout.attention_mask)
+                teacher_logits = teacher_logits.logits[:, start - 1 : -1, : self.vocab_size]
+        if teacher_logits is None:
+            pass
+        elif args.teacher_top_k is None:
             teacher_kwargs["teacher_logits"] = teacher_logits
         else:
             top = teacher_topk(teacher_logits, args.teacher_top_k, temperature=args.temperature)
@@ -285,6 +312,34 @@ class RLKDTrainer(Trainer):
             loss = out.loss / num_items_in_batch * self.accelerator.num_processes
         self._record(student_logits.detach(), teacher_logits, teacher_kwargs, mask, out, rollout)
         return (loss, {"rollout": rollout}) if return_outputs else loss
+
+    def _cached_teacher(self, example_index: torch.Tensor, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """The cache's top-K for the batch, laid out like the completion columns `(B, C, K)`."""
+        start = rollout.prompt_length
+        batch, width = rollout.sequences.shape[0], rollout.sequences.shape[1] - start
+        k = self.teacher_cache.header.k
+        device = rollout.sequences.device
+        # Rows past a completion's end are never read (the mask drops them); fill them with valid distinct ids.
+        ids = torch.arange(k, device=device).expand(batch, width, k).clone()
+        logprobs = torch.full((batch, width, k), -math.log(k), device=device)
+        tail = torch.full((batch, width), float("-inf"), device=device)
+        for row, index in enumerate(example_index.tolist()):
+            entry = self.teacher_cache[index]
+            prompt = rollout.sequences[row, :start][rollout.attention_mask[row, :start].bool()].cpu()
+            completion = rollout.sequences[row, start:][rollout.completion_mask[row, start:]].cpu()
+            cached = entry["input_ids"]
+            cs = entry["completion_start"]
+            if not (torch.equal(cached[:cs], prompt) and torch.equal(cached[cs:], completion)):
+                raise ValueError(
+                    f"Example {index} is tokenised differently from the cache's copy ({len(prompt)}+{len(completion)} "
+                    f"vs {cs}+{len(cached) - cs} tokens): build the cache from this dataset with the same "
+                    "max_length and max_prompt_length as the trainer."
+                )
+            n = len(completion)
+            ids[row, :n] = entry["topk_ids"].to(device)
+            logprobs[row, :n] = entry["topk_logprobs"].to(device)
+            tail[row, :n] = entry["tail_logprob"].to(device)
+        return {"teacher_topk_ids": ids, "teacher_topk_logprobs": logprobs, "teacher_tail_logprob": tail}
 
     # -- checkpoints: the rollout generator is part of the training state ---------------------------------------
 
@@ -352,3 +407,27 @@ def _check_same_tokenizer(tokenizer, teacher_name_or_path: str) -> None:
             f"The teacher {teacher_name_or_path!r} has another tokenizer ({len(teacher_tokenizer)} tokens) than the "
             f"student's processing_class ({len(tokenizer)} tokens); token-level distillation needs one tokenizer."
         )
+
+
+def _open_cache(args: RLKDConfig, tokenizer, teacher_model, train_dataset, eval_dataset):
+    """Open and fully verify the teacher cache before anything is loaded or trained."""
+    from rlkd_onpolicy.cache import TeacherCache
+
+    if eval_dataset is not None:
+        raise ValueError("Evaluation needs an online teacher: with teacher_cache, pass no eval_dataset.")
+    cache = TeacherCache.open(
+        args.teacher_cache,
+        tokenizer=tokenizer,
+        expect_teacher=teacher_model if isinstance(teacher_model, str) else None,
+        expect_k=args.teacher_top_k,
+        expect_temperature=args.temperature,
+    )
+    cache.verify()  # every shard's checksum now, not halfway through training
+    if train_dataset is not None and len(cache) != len(train_dataset):
+        raise ValueError(
+            f"The cache at {args.teacher_cache} holds {len(cache)} examples but train_dataset has "
+            f"{len(train_dataset)}: build it from this dataset."
+        )
+    if args.rank_weight > 0 and args.rank_k > cache.header.k:
+        raise ValueError(f"rank_k={args.rank_k} exceeds the cache's k={cache.header.k}; lower rank_k.")
+    return cache

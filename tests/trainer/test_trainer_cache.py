@@ -1,0 +1,88 @@
+"""Training from a teacher top-k cache: no teacher loaded, the same losses as an online sparse teacher."""
+
+import pytest
+import torch
+from tiny_models import tiny_llama, tiny_pairs, tiny_tokenizer
+
+from rlkd_onpolicy import RLKDConfig, RLKDTrainer
+from rlkd_onpolicy.cache import build_cache
+
+K = 8
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", max_steps=3, seed=0,
+                per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, rank_k=3, metric_ks=[1, 3],
+                max_length=32, max_prompt_length=16, disable_tqdm=True, sampling_mode="off_policy")
+    base.update(kw)
+    return RLKDConfig(**base)
+
+
+def _teacher():
+    return tiny_llama(64, hidden=48, layers=2, seed=1, sharpen=4.0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "teacher-top8"
+    build_cache(_teacher(), tiny_tokenizer(), tiny_pairs(12), str(out), k=K, temperature=1.0, dtype="float32",
+                batch_size=4, max_length=32, max_prompt_length=16, shard_size=5, teacher_name="tiny-teacher",
+                progress=False)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["off_policy", "seq_kd"])
+def test_cache_training_equals_an_online_sparse_teacher(tmp_path, cache_dir, mode):
+    cached = RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=None, processing_class=tiny_tokenizer(),
+                         args=_args(tmp_path / "c", sampling_mode=mode, teacher_cache=str(cache_dir)),
+                         train_dataset=tiny_pairs(12))
+    assert cached.teacher is None
+    cached.train()
+    online = RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=_teacher(), processing_class=tiny_tokenizer(),
+                         args=_args(tmp_path / "o", sampling_mode="off_policy", teacher_top_k=K),
+                         train_dataset=tiny_pairs(12))
+    online.train()
+    for key in ("loss", "kd_loss", "rank_loss", "mor@3"):
+        a = [e[key] for e in cached.state.log_history if "loss" in e]
+        b = [e[key] for e in online.state.log_history if "loss" in e]
+        assert len(a) == 3
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_cache_bad_input(tmp_path, cache_dir):
+    def make(**kw):
+        teacher = kw.pop("teacher_model", None)
+        data = kw.pop("train_dataset", tiny_pairs(12))
+        return RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=teacher, processing_class=tiny_tokenizer(),
+                           args=_args(tmp_path, teacher_cache=str(cache_dir), **kw), train_dataset=data)
+
+    with pytest.raises(ValueError, match="stores k=8, not the k=16"):
+        make(teacher_top_k=16)
+    with pytest.raises(ValueError, match="temperature=1.0, not 2.0"):
+        make(temperature=2.0)
+    with pytest.raises(ValueError, match="holds teacher 'tiny-teacher', not 'other/teacher'"):
+        make(teacher_model="other/teacher")
+    with pytest.raises(ValueError, match="holds 12 examples but train_dataset has 5"):
+        make(train_dataset=tiny_pairs(5))
+    with pytest.raises(ValueError, match="tokenised differently"):
+        make(max_length=8, max_prompt_length=4).train()
+    with pytest.raises(ValueError, match="need an online teacher_model"):
+        _args(tmp_path, teacher_cache=str(cache_dir), sampling_mode="on_policy")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=None, train_dataset=tiny_pairs(12),
+                    args=_args(tmp_path, teacher_cache=str(cache_dir)),
+                    processing_class=tiny_tokenizer(extra_words=("zebra",)))
+
+
+def test_corrupted_cache_fails_before_training(tmp_path, cache_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cache_dir, broken)
+    shard = sorted(broken.glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # flip one byte of the payload
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="(?i)checksum|sha"):
+        RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=None, processing_class=tiny_tokenizer(),
+                    args=_args(tmp_path, teacher_cache=str(broken)), train_dataset=tiny_pairs(12))
