@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test lint clean gpu-wheels
 
 install: $(STAMP)
 
@@ -28,3 +28,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Pure-Python wheels a GPU session carries to the device machine (its image has no pytest): see benchmarks/gpu_session.sh
+gpu-wheels:
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .gpu_wheels pytest pluggy iniconfig packaging
