@@ -108,6 +108,13 @@ class RLKDConfig(TrainingArguments):
     metric_ks: list[int] = field(
         default_factory=lambda: [1, 5], metadata={"help": "k of the logged CR@k / MOR@k of student vs teacher."}
     )
+    nonfinite_policy: str = field(
+        default="error",
+        metadata={"help": f"A NaN/inf loss or gradient, one of {NONFINITE_POLICIES}: error = stop before the optimizer "
+                          "step with an error naming the step; skip = drop that step (parameters, optimizer and LR "
+                          "schedule unchanged) and count it in the logged nonfinite_skipped_steps. DeepSpeed: error "
+                          "only (its optimizer step runs inside backward)."},
+    )
     # Our columns are prompt/completion strings, tokenised by the trainer: keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the prompt/completion columns."})
 
@@ -129,6 +136,11 @@ class RLKDConfig(TrainingArguments):
             fail("missing_mass", self.missing_mass, f"use one of {MISSING_MASS}.")
         if self.skd_verify_on not in VERIFY_ON:
             fail("skd_verify_on", self.skd_verify_on, f"use one of {VERIFY_ON}.")
+        if self.nonfinite_policy not in NONFINITE_POLICIES:
+            fail("nonfinite_policy", self.nonfinite_policy, f"use one of {NONFINITE_POLICIES}.")
+        if self.nonfinite_policy == "skip" and self.deepspeed:
+            fail("nonfinite_policy", self.nonfinite_policy, "DeepSpeed applies the optimizer step inside backward, "
+                 "so a step cannot be skipped after the fact: use 'error' with DeepSpeed.")
         for name in ("lmbda", "beta", "skew_alpha"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(name, getattr(self, name), "it must be in [0, 1].")

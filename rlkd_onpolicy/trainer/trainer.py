@@ -5,8 +5,10 @@ One optimizer step, read top to bottom:
    models in eval mode and no gradient), so that the number of completion tokens in the *whole step* (all
    micro-batches, all ranks) is known before the first backward;
 2. `compute_loss` runs the student on the rollout, the teacher scores it under `no_grad` (full logits, or its
-   top-K as a cache stores it), and `distillation_loss` gives the summed KD + ranking loss, divided by that count.
-So gradient accumulation and data parallelism give exactly the gradient of one big batch.
+   top-K as a cache stores it), and `distillation_loss` gives the summed KD + ranking loss, divided by that count;
+3. before `optimizer.step()`, a NaN/inf loss or gradient stops the run or skips the step (`nonfinite_policy`).
+So gradient accumulation and data parallelism give exactly the gradient of one big batch. Checkpoints are written
+atomically and hold the rollout generator too (reliability.py; guarantees and tests in docs/reliability.md).
 """
 
 import math
@@ -28,6 +30,12 @@ from rlkd_onpolicy.metrics import topk_agreement, topk_overlap_metrics
 from rlkd_onpolicy.sampling import SOURCE_TEACHER, Rollout, RolloutSampler
 from rlkd_onpolicy.trainer.config import RLKDConfig
 from rlkd_onpolicy.trainer.deepspeed import prepare_teacher, teacher_for_generation
+from rlkd_onpolicy.trainer.reliability import (
+    NonFiniteGuard,
+    remove_staging_folders,
+    save_checkpoint_atomically,
+    skipped_steps_in,
+)
 
 
 def _load_model(model: str | PreTrainedModel, init_kwargs: dict | None, what: str) -> PreTrainedModel:
@@ -208,6 +216,7 @@ class RLKDTrainer(Trainer):
         # Row seeds and mixed-mode coins come from this generator; one stream per rank.
         self.rollout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy)
 
     # -- data ----------------------------------------------------------------------------------------------------
 
@@ -308,8 +317,10 @@ class RLKDTrainer(Trainer):
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
             loss = out.loss / out.num_tokens.clamp_min(1)
         else:
-            # DDP and DeepSpeed average gradients over ranks; the count is global, so undo that average.
-            loss = out.loss / num_items_in_batch * self.accelerator.num_processes
+            # DDP and DeepSpeed average gradients over ranks; the count is global, so undo that average. A step
+            # without a single completion token (all masked) gives 0, not 0/0.
+            loss = out.loss / num_items_in_batch.clamp_min(1) * self.accelerator.num_processes
+            self.nonfinite_guard.check_loss(loss, self)
         self._record(student_logits.detach(), teacher_logits, teacher_kwargs, mask, out, rollout)
         return (loss, {"rollout": rollout}) if return_outputs else loss
 
@@ -341,7 +352,29 @@ class RLKDTrainer(Trainer):
             tail[row, :n] = entry["tail_logprob"].to(device)
         return {"teacher_topk_ids": ids, "teacher_topk_logprobs": logprobs, "teacher_tail_logprob": tail}
 
-    # -- checkpoints: the rollout generator is part of the training state ---------------------------------------
+    # -- checkpoints (atomic, see reliability.py); the rollout generator is part of the training state -----------
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        # Before `resume_from_checkpoint=True` looks for the last checkpoint: drop what a killed save left behind.
+        remove_staging_folders(self.args.output_dir, self.accelerator, self.args.should_save)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        save_checkpoint_atomically(self, trial)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if not self.is_deepspeed_enabled:  # DeepSpeed steps inside backward: the guard checks losses there
+            self.nonfinite_guard.install(self)
+        if resume_from_checkpoint is not None:
+            # Restored here, before the first step and on every backend (DeepSpeed loads its checkpoint here too):
+            # Trainer restores its own RNG states only after fetching the first batches on resume, and fetching a
+            # batch is where our rollouts draw from this generator.
+            path = self._rollout_rng_file(resume_from_checkpoint)
+            if os.path.isfile(path):
+                self.rollout_generator.set_state(torch.load(path, weights_only=True))
+            self.nonfinite_guard.skipped_steps = skipped_steps_in(resume_from_checkpoint)
+        return model, train_dataloader
 
     def _rollout_rng_file(self, folder: str) -> str:
         return os.path.join(folder, f"rollout_rng_state_{self.accelerator.process_index}.pth")
@@ -349,14 +382,6 @@ class RLKDTrainer(Trainer):
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         torch.save(self.rollout_generator.get_state(), self._rollout_rng_file(output_dir))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # Restored here, before the first step: Trainer restores its own RNG states only after fetching the first
-        # batches on resume, and fetching a batch is where our rollouts draw from this generator.
-        path = self._rollout_rng_file(resume_from_checkpoint)
-        if os.path.isfile(path):
-            self.rollout_generator.set_state(torch.load(path, weights_only=True))
 
     # -- logging -------------------------------------------------------------------------------------------------
 
@@ -391,6 +416,8 @@ class RLKDTrainer(Trainer):
             averaged = dict(zip(averaged, gathered.tolist(), strict=True))
         if mode == "eval":
             averaged = {f"eval_{key}": value for key, value in averaged.items()}
+        elif self.args.nonfinite_policy == "skip":
+            averaged["nonfinite_skipped_steps"] = self.nonfinite_guard.skipped_steps  # cumulative
         logs = {**logs, **averaged}
         self._metrics[mode].clear()
         super().log(logs, start_time)

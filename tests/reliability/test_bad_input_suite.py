@@ -1,0 +1,135 @@
+"""Every kind of bad input, in one place: a clear error naming the value and the fix, raised by RLKDConfig or
+RLKDTrainer's constructor (before any step), and nothing written to output_dir.
+
+(Some of these are also tested next to the code that checks them: tests/trainer/test_trainer_bad_input.py and
+tests/trainer/test_trainer_cache.py.)
+"""
+
+import shutil
+
+import datasets
+import pytest
+from tiny_models import tiny_llama, tiny_pairs, tiny_tokenizer
+
+from rlkd_onpolicy import RLKDConfig, RLKDTrainer
+from rlkd_onpolicy.cache import build_cache
+
+K = 8
+
+
+def _teacher():
+    return tiny_llama(64, hidden=48, layers=2, seed=1, sharpen=4.0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "teacher-top8"
+    build_cache(_teacher(), tiny_tokenizer(), tiny_pairs(12), str(out), k=K, temperature=1.0, dtype="float32",
+                batch_size=4, max_length=32, max_prompt_length=16, shard_size=5, teacher_name="tiny-teacher",
+                progress=False)
+    return out
+
+
+def _config(out, **kw) -> RLKDConfig:
+    base = dict(output_dir=str(out), report_to="none", max_steps=2, save_strategy="steps", save_steps=1,
+                per_device_train_batch_size=2, max_new_tokens=4, rank_k=3, metric_ks=[1, 3], max_length=32,
+                max_prompt_length=16)
+    base.update(kw)
+    return RLKDConfig(**base)
+
+
+def _build(out, *, teacher="model", train=None, tokenizer=None, student_vocab=64, **kw):
+    """Config and trainer with one thing changed; `teacher=None` with a cache, a str for a teacher by path."""
+    args = _config(out, **kw)
+    return RLKDTrainer(model=tiny_llama(student_vocab, seed=2), teacher_model=_teacher() if teacher == "model" else
+                       teacher, args=args, train_dataset=tiny_pairs(12) if train is None else train,
+                       processing_class=tokenizer or tiny_tokenizer())
+
+
+def _teacher_with_other_tokenizer(tmp_path) -> str:
+    folder = tmp_path / "teacher"
+    _teacher().save_pretrained(folder)
+    tiny_tokenizer(extra_words=("zebra",)).save_pretrained(folder)
+    return str(folder)
+
+
+def _corrupted(cache_dir, tmp_path) -> str:
+    broken = tmp_path / "broken-cache"
+    shutil.copytree(cache_dir, broken)
+    shard = sorted(broken.glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # one flipped payload byte
+    shard.write_bytes(bytes(data))
+    return str(broken)
+
+
+CASES = {
+    # -- models and tokenizers
+    "teacher with another tokenizer": (
+        lambda out, tmp, cache: _build(out, teacher=_teacher_with_other_tokenizer(tmp)), "has another tokenizer"),
+    "teacher with another vocabulary": (
+        lambda out, tmp, cache: _build(out, student_vocab=40), "student vocabulary size 40 != teacher vocabulary"),
+    # -- teacher cache
+    "cache from another teacher": (
+        lambda out, tmp, cache: _build(out, teacher="other/teacher", teacher_cache=str(cache),
+                                       sampling_mode="off_policy"),
+        "holds teacher 'tiny-teacher', not 'other/teacher'"),
+    "cache with another K": (
+        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
+                                       teacher_top_k=16), "stores k=8, not the k=16"),
+    "cache with another temperature": (
+        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
+                                       temperature=2.0), "temperature=1.0, not 2.0"),
+    "cache with another tokenizer": (
+        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
+                                       tokenizer=tiny_tokenizer(extra_words=("zebra",))), "another tokenizer"),
+    "cache of another dataset": (
+        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
+                                       train=tiny_pairs(5)), "holds 12 examples but train_dataset has 5"),
+    "corrupted cache shard": (
+        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=_corrupted(cache, tmp),
+                                       sampling_mode="off_policy"), "(?i)checksum|sha"),
+    "cache with a generating mode": (
+        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="on_policy"),
+        "sampling_mode='on_policy' is invalid.*need an online teacher_model"),
+    # -- unknown names and out-of-range options (RLKDConfig)
+    "unknown sampling mode": (lambda out, tmp, cache: _config(out, sampling_mode="greedy"),
+                              r"sampling_mode='greedy' is invalid: use one of \('off_policy'"),
+    "unknown loss": (lambda out, tmp, cache: _config(out, loss="kl"), r"loss='kl' is invalid: use one of \('fkl'"),
+    "unknown non-finite policy": (lambda out, tmp, cache: _config(out, nonfinite_policy="ignore"),
+                                  r"nonfinite_policy='ignore' is invalid: use one of \('error', 'skip'\)"),
+    "skip with DeepSpeed": (
+        lambda out, tmp, cache: _config(out, nonfinite_policy="skip", deepspeed="configs/deepspeed/zero3.json"),
+        "nonfinite_policy='skip' is invalid: DeepSpeed applies the optimizer step inside backward"),
+    "lmbda above 1": (lambda out, tmp, cache: _config(out, lmbda=1.5), r"lmbda=1.5 is invalid: it must be in \[0, 1\]"),
+    "zero temperature": (lambda out, tmp, cache: _config(out, temperature=0.0), "temperature=0.0 is invalid"),
+    "zero max_new_tokens": (lambda out, tmp, cache: _config(out, max_new_tokens=0), "max_new_tokens=0 is invalid"),
+    "prompt as long as max_length": (lambda out, tmp, cache: _config(out, max_prompt_length=32),
+                                     "max_prompt_length=32 is invalid: it must be < max_length=32"),
+    "rank_k above a sparse teacher's K": (lambda out, tmp, cache: _config(out, teacher_top_k=2, rank_k=3),
+                                          "rank_k=3 is invalid: with a sparse teacher it must be ≤ teacher_top_k=2"),
+    "teacher offload without DeepSpeed": (lambda out, tmp, cache: _build(out, teacher_offload_to_cpu=True),
+                                          "teacher_offload_to_cpu=True needs DeepSpeed ZeRO-3"),
+    # -- datasets
+    "dataset without a completion column": (
+        lambda out, tmp, cache: _build(out, train=[{"prompt": "the cat", "answer": "le chat"}]),
+        r"train_dataset lacks the column\(s\) \['completion'\]"),
+    "empty dataset": (
+        lambda out, tmp, cache: _build(out, train=datasets.Dataset.from_dict({"prompt": [], "completion": []})),
+        "train_dataset is empty"),
+    "eval dataset without a prompt column": (
+        lambda out, tmp, cache: RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=_teacher(), args=_config(out),
+                                            train_dataset=tiny_pairs(4), eval_dataset=[{"completion": "le chat"}],
+                                            processing_class=tiny_tokenizer()),
+        r"eval_dataset lacks the column\(s\) \['prompt'\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_early_and_writes_nothing(tmp_path, cache_dir, case):
+    make, message = CASES[case]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        make(out, tmp_path, cache_dir)
+    # Trainer creates output_dir in its constructor; nothing may be in it.
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
