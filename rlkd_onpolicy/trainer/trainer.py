@@ -215,6 +215,8 @@ class RLKDTrainer(Trainer):
         )
         # Row seeds and mixed-mode coins come from this generator; one stream per rank.
         self.rollout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
+        self._eval_generator = self._new_eval_generator()
+        self._evaluating = False
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy)
 
@@ -265,13 +267,35 @@ class RLKDTrainer(Trainer):
             return self._sample(batch)
 
     def _sample(self, batch: dict[str, torch.Tensor]) -> Rollout:
+        # Evaluation draws from its own generator so that evaluating never shifts the training rollouts. (Not
+        # `model.training`: the next step's rollouts are built before Trainer puts the model back in train mode.)
+        generator = self._eval_generator if self._evaluating else self.rollout_generator
         return self.sampler.rollout(
             batch["prompt_ids"],
             batch["prompt_mask"],
             batch["completion_ids"],
             batch["completion_mask"],
-            generator=self.rollout_generator,
+            generator=generator,
         )
+
+    # -- evaluation: the same rollout + loss on the eval set, from a generator reset at every evaluation -------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._eval_generator = self._new_eval_generator()
+        self._evaluating = True
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._evaluating = False
+
+    def _new_eval_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.args.seed + 1_000_003 + self.accelerator.process_index)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, {**inputs, "rollout": self._rollout(inputs)})
+        return loss.detach(), None, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rollout: Rollout = inputs.get("rollout") or self._rollout(inputs)
@@ -387,7 +411,7 @@ class RLKDTrainer(Trainer):
 
     @torch.no_grad()
     def _record(self, student_logits, teacher_logits, teacher_kwargs, mask, out, rollout: Rollout) -> None:
-        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics = self._metrics["eval" if self._evaluating else "train"]
         tokens = max(int(out.num_tokens), 1)
         metrics["kd_loss"].append(out.kd.item() / tokens)
         metrics["rank_loss"].append(out.rank.item() / tokens)
@@ -407,7 +431,7 @@ class RLKDTrainer(Trainer):
             metrics["teacher_token_fraction"].append(float(replaced.sum()) / tokens)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
+        mode = "eval" if self._evaluating else "train"
         averaged = {key: sum(values) / len(values) for key, values in sorted(self._metrics[mode].items()) if values}
         if self.accelerator.num_processes > 1 and averaged:
             # Every rank logs at the same step with the same keys (they depend on the config only): average them.

@@ -71,25 +71,17 @@ def test_failed_save_keeps_the_previous_checkpoint_and_resume_skips_it(tmp_path)
         assert torch.equal(value, full[name]), name
 
 
-class _Evaluating(RLKDTrainer):
-    # RLKDTrainer has no prediction_step of its own yet (Trainer's calls model(**inputs) on prompt/completion ids);
-    # evaluation here is the distillation loss on the dataset completions (off_policy: no RNG is drawn).
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        with torch.no_grad():
-            return self.compute_loss(model, inputs).detach(), None, None
-
-
 def test_files_rotation_and_best_checkpoint_match_the_stock_trainer(tmp_path):
     """Same files, same rotation (save_total_limit), same best_model_checkpoint as transformers' own save."""
 
-    class StockSave(_Evaluating):
+    class StockSave(RLKDTrainer):
         _save_checkpoint = Trainer._save_checkpoint
 
     # greater_is_better on eval_loss makes an early checkpoint the best one, so rotation must keep it
     overrides = dict(max_steps=5, save_steps=1, eval_strategy="steps", eval_steps=1, save_total_limit=2,
                      load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
     runs = {}
-    for name, cls in (("atomic", _Evaluating), ("stock", StockSave)):
+    for name, cls in (("atomic", RLKDTrainer), ("stock", StockSave)):
         trainer = _trainer(_args(tmp_path / name, **overrides), cls=cls, eval_dataset=tiny_pairs(4, seed=1))
         trainer.train()
         folder = tmp_path / name

@@ -130,3 +130,23 @@ def test_resume_from_checkpoint_reproduces_the_run(tmp_path, mode):
     assert resumed_losses == full_losses  # the checkpoint brings the first two entries of the log history
     for name, value in full.items():
         assert torch.equal(resumed[name], value), name
+
+
+def test_evaluation_scores_rollouts_without_shifting_training(tmp_path):
+    def run(out, evaluate):
+        student, teacher = _models()
+        extra = {"eval_strategy": "steps", "eval_steps": 1, "per_device_eval_batch_size": 4} if evaluate else {}
+        trainer = RLKDTrainer(model=student, teacher_model=teacher, processing_class=tiny_tokenizer(),
+                              args=_config(tmp_path / out, sampling_mode="mixed", **extra),
+                              train_dataset=tiny_pairs(12), eval_dataset=tiny_pairs(6, seed=1) if evaluate else None)
+        trainer.train()
+        return trainer
+
+    with_eval, without = run("eval", True), run("plain", False)
+    train_losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (with_eval, without)]
+    assert train_losses[0] == train_losses[1]  # evaluation draws from its own generator
+    evals = [e for e in with_eval.state.log_history if "eval_loss" in e]
+    assert len(evals) == 3
+    assert all(k in evals[0] for k in ("eval_kd_loss", "eval_rank_loss", "eval_mor@3", "eval_on_policy_fraction"))
+    first, second = with_eval.evaluate(), with_eval.evaluate()
+    assert first["eval_loss"] == second["eval_loss"]  # the eval generator restarts at every evaluation
