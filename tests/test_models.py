@@ -1,0 +1,89 @@
+"""The embedded SmolLM2 teacher (real GGUF), its saveable conversion, the student cut from it, and the loader."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlkd_onpolicy.models import (
+    evenly_spaced_layers,
+    load_embedded_smollm2,
+    load_model_and_tokenizer,
+    student_from_teacher,
+)
+
+
+def tiny_llama(layers: int = 5) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "total,keep,expected",
+    [(30, 6, (0, 6, 12, 17, 23, 29)), (30, 1, (0,)), (4, 4, (0, 1, 2, 3)), (5, 2, (0, 4))],  # default, edge cases
+)
+def test_evenly_spaced_layers(total, keep, expected):
+    assert evenly_spaced_layers(total, keep) == expected
+
+
+def test_student_copies_the_chosen_layers():
+    teacher = tiny_llama(5)
+    student = student_from_teacher(teacher, layers=(0, 2, 4))
+    assert student.config.num_hidden_layers == 3 and len(student.model.layers) == 3
+    assert student.config.vocab_size == teacher.config.vocab_size
+    torch.testing.assert_close(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight, rtol=0, atol=0)
+    torch.testing.assert_close(student.model.norm.weight, teacher.model.norm.weight, rtol=0, atol=0)
+    for s_index, t_index in enumerate((0, 2, 4)):
+        s_state, t_state = student.model.layers[s_index].state_dict(), teacher.model.layers[t_index].state_dict()
+        for key in s_state:
+            torch.testing.assert_close(s_state[key], t_state[key], rtol=0, atol=0)
+    # a copy, not shared storage: training the student leaves the teacher untouched
+    s_weight, t_weight = student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight
+    assert s_weight.data_ptr() != t_weight.data_ptr()
+    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()  # still tied
+    # a student made of all the teacher's layers is the teacher
+    ids = torch.randint(0, 97, (2, 7))
+    full = student_from_teacher(teacher, layers=5)
+    torch.testing.assert_close(full(ids).logits, teacher(ids).logits)
+
+
+@pytest.mark.parametrize("layers", [(0, 0, 1), (0, 5), ()])  # duplicate, out of range, empty
+def test_student_rejects_bad_layers(layers):
+    with pytest.raises(ValueError, match="distinct indices"):
+        student_from_teacher(tiny_llama(5), layers=layers)
+
+
+def test_missing_local_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*HF_HUB_OFFLINE"):
+        load_model_and_tokenizer(str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model_and_tokenizer("./checkpoints/teacher")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model_and_tokenizer(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_saves_reloads_and_shrinks(tmp_path):
+    # ~40 s on 2 cores: two GGUF-free loads of a 135M model plus the dequantisation of the GGUF.
+    teacher, tokenizer = load_embedded_smollm2()
+    assert type(teacher) is LlamaForCausalLM and teacher.dtype == torch.float32
+    assert teacher.config.num_hidden_layers == 30 and teacher.config.hidden_size == 576
+    assert teacher.config.vocab_size == 49152 and len(tokenizer) == 49152
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.padding_side == "left"
+    assert getattr(teacher.config, "quantization_config", None) is None
+    assert abs(sum(p.numel() for p in teacher.parameters()) - 134.5e6) < 0.1e6
+
+    teacher.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, reloaded_tokenizer = load_model_and_tokenizer(str(tmp_path))
+    ids = tokenizer("Translate from English to French:\nIn the beginning was the Word.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, teacher(ids).logits, rtol=0, atol=0)
+    assert reloaded_tokenizer("In the beginning").input_ids == tokenizer("In the beginning").input_ids
+
+    student = student_from_teacher(teacher, 6)
+    assert student.config.num_hidden_layers == 6
+    assert 45e6 < sum(p.numel() for p in student.parameters()) < 55e6
+    last_student, last_teacher = student.model.layers[5], teacher.model.layers[29]
+    torch.testing.assert_close(last_student.self_attn.q_proj.weight, last_teacher.self_attn.q_proj.weight)
