@@ -150,3 +150,24 @@ def test_evaluation_scores_rollouts_without_shifting_training(tmp_path):
     assert all(k in evals[0] for k in ("eval_kd_loss", "eval_rank_loss", "eval_mor@3", "eval_on_policy_fraction"))
     first, second = with_eval.evaluate(), with_eval.evaluate()
     assert first["eval_loss"] == second["eval_loss"]  # the eval generator restarts at every evaluation
+
+
+def test_peft_adapters_train_and_the_base_stays(tmp_path):
+    from peft import LoraConfig
+
+    student, teacher = _models()
+    base = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer = RLKDTrainer(
+        model=student, teacher_model=teacher, args=_config(tmp_path, sampling_mode="on_policy", max_steps=2),
+        train_dataset=tiny_pairs(8), processing_class=tiny_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert lora_before
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:
+            assert not torch.equal(p, lora_before[name]), name  # B starts at zero: it must have moved
+        elif "lora_" not in name:
+            plain = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, base[plain]), name
