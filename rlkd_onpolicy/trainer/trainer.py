@@ -28,6 +28,7 @@ from rlkd_onpolicy.data.prompt_completion import (
 from rlkd_onpolicy.losses import distillation_loss, teacher_topk
 from rlkd_onpolicy.metrics import topk_agreement, topk_overlap_metrics
 from rlkd_onpolicy.sampling import SOURCE_TEACHER, Rollout, RolloutSampler
+from rlkd_onpolicy.sampling.generate import output_vocab_size
 from rlkd_onpolicy.trainer.config import RLKDConfig
 from rlkd_onpolicy.trainer.deepspeed import prepare_teacher, teacher_for_generation
 from rlkd_onpolicy.trainer.reliability import (
@@ -44,11 +45,6 @@ def _load_model(model: str | PreTrainedModel, init_kwargs: dict | None, what: st
     if init_kwargs:
         raise ValueError(f"{what}_init_kwargs are only used when {what} is a name or path; got a model object.")
     return model
-
-
-def output_vocab_size(model: torch.nn.Module) -> int:
-    weight = model.get_output_embeddings().weight
-    return getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 `shape` is the local (empty) partition
 
 
 def check_vocabularies(student: PreTrainedModel, teacher: PreTrainedModel | None, tokenizer) -> int:
