@@ -29,6 +29,7 @@ lint: install
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Pure-Python wheels a GPU session carries to the device machine (its image has no pytest): see benchmarks/gpu_session.sh
+# Pure-Python wheels a GPU session carries to the device machine (Liger-Kernel, the loss benchmark's baseline; the
+# image has torch, triton, transformers and pytest): see benchmarks/gpu_session.sh
 gpu-wheels:
-	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .gpu_wheels pytest pluggy iniconfig packaging
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .gpu_wheels liger-kernel==0.8.5

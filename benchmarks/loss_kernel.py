@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append({"method": name, "median_ms": None, "peak_extra_mib": None, "error": "out of memory"})
             clear()
             torch.cuda.empty_cache()
+        except Exception as exc:  # e.g. a baseline's kernel that does not build here: reported, not fatal
+            results.append({"method": name, "median_ms": None, "peak_extra_mib": None,
+                            "error": f"{type(exc).__name__}: {exc}"[:300]})  # fmt: skip
+            clear()
+        print(f"[measured] {json.dumps(results[-1])}", flush=True)  # a run cut short still shows what it measured
     floor_ms, floor_mib = results[0]["median_ms"], results[0]["peak_extra_mib"]
     for row in results:
         row["time_vs_floor"] = row["median_ms"] / floor_ms if row["median_ms"] else None

@@ -105,15 +105,23 @@ def make_batches(n: int, bsz: int, prompt_len: int, vocab: int, device: str, see
     return batches
 
 
+def write(path, meta, results) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def run_generate(model, batches, new_tokens, device, **kwargs):
+def run_generate(model, batches, new_tokens, device, budget_s=None, **kwargs):
     torch.manual_seed(0)
-    tokens, first, start = 0, None, time.perf_counter()
+    tokens, first, start, done, first_tokens = 0, None, time.perf_counter(), 0, 0
     for ids, mask in batches:
+        if budget_s is not None and done and time.perf_counter() - start > budget_s:
+            break  # over its time budget: the row reports the batches it finished (see "batches_run")
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(
@@ -131,22 +139,41 @@ def run_generate(model, batches, new_tokens, device, **kwargs):
         sync(device)
         first = first if first is not None else time.perf_counter() - t0
         tokens += (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return {"tokens": tokens, "seconds": time.perf_counter() - start, "first_batch_seconds": first}
+        first_tokens = first_tokens if done else tokens
+        done += 1
+    return timing(tokens, time.perf_counter() - start, first, first_tokens, done)
 
 
-def run_sampler(sampler: RolloutSampler, batches, device):
-    tokens, first, start, stats = 0, None, time.perf_counter(), {}
+def run_sampler(sampler: RolloutSampler, batches, device, budget_s=None):
+    tokens, first, start, stats, done, first_tokens = 0, None, time.perf_counter(), {}, 0, 0
     gen = torch.Generator(device="cpu").manual_seed(0)
     for ids, mask in batches:
+        if budget_s is not None and done and time.perf_counter() - start > budget_s:
+            break
         t0 = time.perf_counter()
         rollout = sampler.rollout(ids, mask, generator=gen)
         sync(device)
         first = first if first is not None else time.perf_counter() - t0
         tokens += int(rollout.completion_mask.sum())
+        first_tokens = first_tokens if done else tokens
         for k in ("acceptance_rate", "teacher_forward_passes", "rounds"):
             if k in rollout.stats:
-                stats[k] = stats.get(k, 0.0) + rollout.stats[k] / len(batches)
-    return {"tokens": tokens, "seconds": time.perf_counter() - start, "first_batch_seconds": first, **stats}
+                stats[k] = stats.get(k, 0.0) + rollout.stats[k]
+        done += 1
+    stats = {k: v / done for k, v in stats.items()}
+    return timing(tokens, time.perf_counter() - start, first, first_tokens, done) | stats
+
+
+def timing(tokens, seconds, first_seconds, first_tokens, batches_run) -> dict:
+    """Totals, plus the steady rate after the first batch (which carries compilation or graph capture)."""
+    steady_s = seconds - first_seconds
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "first_batch_seconds": first_seconds,
+        "batches_run": batches_run,
+        "steady_tokens_per_second": (tokens - first_tokens) / steady_s if batches_run > 1 and steady_s > 0 else None,
+    }
 
 
 def main() -> None:
@@ -161,6 +188,12 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="row names to skip, e.g. generate_static")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--row-budget-s",
+        type=float,
+        default=None,
+        help="stop a row after the batch that crosses this many seconds (its batches_run says how many ran)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,23 +213,46 @@ def main() -> None:
             mode, student, teacher, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, **kw
         )
 
-    runs = {
-        "generate_default": lambda: run_generate(student, batches, new_tokens, args.device),
-        "generate_static": lambda: run_generate(
-            student, batches, new_tokens, args.device, cache_implementation="static"
-        ),
-        "on_policy": lambda: run_sampler(sampler("on_policy"), batches, args.device),
-        "seq_kd": lambda: run_sampler(sampler("seq_kd"), batches, args.device),
-        "speculative": lambda: run_sampler(sampler("speculative"), batches, args.device),
+    budget = args.row_budget_s
+    meta = {
+        "shape": args.shape,
+        "device": args.device,
+        "dtype": str(dtype),
+        "batch_size": bsz,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "batches": args.batches,
+        "skd_top_k": args.skd_top_k,
+        "row_budget_s": budget,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if on_cuda else None,
+    }
+
+    def gen_row(**kw):
+        return lambda: run_generate(student, batches, new_tokens, args.device, budget_s=budget, **kw)
+
+    def row(mode, **kw):
+        return lambda: run_sampler(sampler(mode, **kw), batches, args.device, budget_s=budget)
+
+    # most important rows first: with a time limit on the whole run, the targets' rows are measured before the rest
+    runs = {"generate_default": gen_row()}
+    if on_cuda:
+        runs["on_policy_cuda_graph"] = row("on_policy", cache_implementation="cuda_graph")
+    runs |= {
+        "on_policy": row("on_policy"),
+        "generate_static": gen_row(cache_implementation="static"),
+        "speculative": row("speculative"),
         # top_k = V accepts every proposal: SKD's best case, the cost of its machinery alone
-        "speculative_accept_all": lambda: run_sampler(
-            sampler("speculative", skd_top_k=student_cfg["vocab_size"]), batches, args.device
-        ),
+        "speculative_accept_all": row("speculative", skd_top_k=student_cfg["vocab_size"]),
     }
     if on_cuda:
-        runs["on_policy_static_compiled"] = lambda: run_sampler(
-            sampler("on_policy", cache_implementation="static", compile_step=True), batches, args.device
-        )
+        runs["seq_kd_cuda_graph"] = row("seq_kd", cache_implementation="cuda_graph")
+        runs["speculative_static"] = row("speculative", cache_implementation="static")
+    runs["seq_kd"] = row("seq_kd")
+    if on_cuda:
+        runs["on_policy_static_compiled"] = row("on_policy", cache_implementation="static", compile_step=True)
     results = {}
     for name, fn in runs.items():
         if name in args.skip:
@@ -212,17 +268,18 @@ def main() -> None:
             f"{name:28s} "
             + (
                 f"{r['tokens_per_second']:10.1f} tok/s  {r['seconds']:7.2f} s  first batch "
-                f"{r['first_batch_seconds']:6.2f} s"
+                f"{r['first_batch_seconds']:6.2f} s  batches {r['batches_run']}"
                 if "tokens" in r
                 else r["error"]
             ),
             flush=True,
         )
+        write(args.out, meta, results)  # after every row: a run cut short by a time limit keeps what it measured
 
     def tps(name):
         return results.get(name, {}).get("tokens_per_second")
 
-    print(f"\n{'mode':28s} {'tok/s':>10s} {'vs generate':>12s} {'vs static':>10s} {'SKD accept':>10s}")
+    print(f"\n{'mode':28s} {'tok/s':>10s} {'vs generate':>12s} {'vs static':>10s} {'SKD accept':>10s} {'steady':>10s}")
     for name, r in results.items():
         if "tokens_per_second" not in r:
             continue
@@ -231,26 +288,14 @@ def main() -> None:
             for b in ("generate_default", "generate_static")
         ]
         accept = f"{r['acceptance_rate']:.3f}" if "acceptance_rate" in r else ""
-        print(f"{name:28s} {r['tokens_per_second']:10.1f} {ratios[0]:>12s} {ratios[1]:>10s} {accept:>10s}")
-    if tps("speculative") and tps("on_policy"):
-        print(f"\nSKD rollout cost / on-policy rollout cost (same tokens): {tps('on_policy') / tps('speculative'):.2f}")
-    meta = {
-        "shape": args.shape,
-        "device": args.device,
-        "dtype": str(dtype),
-        "batch_size": bsz,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "batches": args.batches,
-        "skd_top_k": args.skd_top_k,
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if on_cuda else None,
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+        steady = f"{r['steady_tokens_per_second']:.1f}" if r.get("steady_tokens_per_second") else ""
+        rate = r["tokens_per_second"]
+        print(f"{name:28s} {rate:10.1f} {ratios[0]:>12s} {ratios[1]:>10s} {accept:>10s} {steady:>10s}")
+    for skd in ("speculative", "speculative_accept_all"):
+        for base in ("on_policy", "on_policy_cuda_graph"):
+            if tps(skd) and tps(base):
+                print(f"cost per token, {skd} / {base}: {tps(base) / tps(skd):.2f}")
+    write(args.out, meta, results)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, StaticCache
 
+from .graphs import check_graphable, graph_bucket  # noqa: F401 (check_graphable is re-exported to modes.py)
 from .rng import row_uniforms
 from .rollout import first_eos_mask
 from .warping import sample_from_logits
 
-CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+# dynamic: transformers' DynamicCache; static: a preallocated StaticCache (fixed shapes, for torch.compile);
+# cuda_graph: a StaticCache and the single-token step replayed as a CUDA graph (graphs.py; CUDA only)
+CACHE_IMPLEMENTATIONS = ("dynamic", "static", "cuda_graph")
 
 
 # ----------------------------------------------------------------------------------------------------- validation
@@ -136,7 +139,7 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
 
 def new_cache(model: torch.nn.Module, implementation: str, max_len: int):
     """A fresh KV cache: DynamicCache, or StaticCache of `max_len` columns (for fixed shapes / torch.compile)."""
-    if implementation == "static":
+    if implementation in ("static", "cuda_graph"):
         return StaticCache(config=model.config, max_cache_len=max_len)
     return DynamicCache(config=model.config)
 
@@ -214,11 +217,18 @@ def decode(
     eos = eos_tensor(eos_token_id, device)
     total = prompt_len + max_new_tokens
     # bucket the static cache length so that varying prompt lengths reuse a handful of shapes
-    cache_len = -(-total // 64) * 64 if cache_implementation == "static" else total
-    mask = torch.zeros(bsz, cache_len, dtype=torch.long, device=device)
-    mask[:, :prompt_len] = attention_mask
-    cache = new_cache(model, cache_implementation, cache_len)
+    cache_len = total if cache_implementation == "dynamic" else -(-total // 64) * 64
     check_compile(compile_step, cache_implementation, device)
+    bucket = None
+    if cache_implementation == "cuda_graph":
+        check_graphable(model)
+        bucket = graph_bucket(model, bsz, cache_len, device)
+        bucket.reset(attention_mask)
+        mask, cache = bucket.mask, bucket.cache
+    else:
+        mask = torch.zeros(bsz, cache_len, dtype=torch.long, device=device)
+        mask[:, :prompt_len] = attention_mask
+        cache = new_cache(model, cache_implementation, cache_len)
     step = compiled_forward(model) if compile_step else model
 
     logits = forward_step(model, input_ids, mask, position_ids_from_mask(attention_mask), cache, prompt_len, True)
@@ -236,7 +246,10 @@ def decode(
         if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             break
         mask[:, prompt_len + t] = 1
-        logits = forward_step(step, tok[:, None], mask, next_pos, cache, prompt_len + t + 1)
+        if bucket is not None:
+            logits = bucket.step(model, tok, next_pos)
+        else:
+            logits = forward_step(step, tok[:, None], mask, next_pos, cache, prompt_len + t + 1)
         passes += 1
         next_pos = next_pos + 1
     completion_mask = first_eos_mask(tokens, eos)

@@ -17,6 +17,7 @@ import torch
 from .generate import (
     CACHE_IMPLEMENTATIONS,
     check_compile,
+    check_graphable,
     check_prompt,
     check_sampling,
     decode,
@@ -48,8 +49,9 @@ class RolloutSampler:
         skd_top_k, skd_draft_len, verify_on: SKD's top-K, block length, and raw/warped top-K test.
         eos_token_id: int or list of ints; None disables EOS stopping. pad_token_id: None -> EOS -> 0.
         max_vocab_padding: how many rows the teacher's and student's output layers may differ by (padding).
-        cache_implementation: "dynamic" (default) or "static" (preallocated, fixed shapes); compile_step: wrap the
-            decode step in torch.compile (CUDA + static cache only).
+        cache_implementation: "dynamic" (default), "static" (preallocated, fixed shapes) or "cuda_graph" (static
+            cache + the decode steps replayed as CUDA graphs, CUDA only);
+            compile_step: wrap the decode step in torch.compile (CUDA + static cache only).
     """
 
     def __init__(
@@ -84,6 +86,15 @@ class RolloutSampler:
                 f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}"
             )
         check_compile(compile_step, cache_implementation, model_device(student))
+        if cache_implementation == "cuda_graph":
+            if model_device(student).type != "cuda":
+                raise ValueError(
+                    f"cache_implementation='cuda_graph' needs the models on a CUDA device, the student is on "
+                    f"{model_device(student).type}; use 'dynamic' or 'static' there"
+                )
+            check_graphable(student)
+            if mode in _NEEDS_TEACHER:
+                check_graphable(teacher)
         if mode in _NEEDS_TEACHER and teacher is None:
             raise ValueError(f"mode {mode!r} needs a teacher model, got teacher=None")
         if teacher is not None:

@@ -39,6 +39,7 @@ from .generate import (
     resolve_pad,
     shared_vocab_size,
 )
+from .graphs import check_graphable, graph_bucket
 from .rng import STREAM_STUDENT, STREAM_TEACHER, draw_row_seeds, row_uniforms
 from .rollout import SOURCE_STUDENT, SOURCE_TEACHER, Rollout, assemble_rollout, first_eos_mask
 from .warping import sample_from_logits, warp_logprobs
@@ -147,8 +148,9 @@ def speculative_generate(
     row_seeds (B,) int64 fixes each row's randomness (else drawn from `generator`). Returns a Rollout whose
     token_source says, per completion token, SOURCE_STUDENT (accepted) or SOURCE_TEACHER (replaced), with stats
     acceptance_rate, tokens_replaced, teacher_forward_passes, student_forward_passes, rounds.
-    cache_implementation "static" preallocates both caches; compile_step (CUDA + static only) compiles the student's
-    single-token step and the teacher's D-token block step once each.
+    cache_implementation "static" preallocates both caches; "cuda_graph" also replays the student's single-token
+    step and the teacher's D-token block step as CUDA graphs (captured once per batch size and cache length);
+    compile_step (CUDA + static only) compiles them with torch.compile instead.
     """
     check_prompt(input_ids, attention_mask)
     check_sampling(max_new_tokens, temperature, top_p)
@@ -161,6 +163,9 @@ def speculative_generate(
     bsz = input_ids.shape[0]
     device = input_ids.device
     check_compile(compile_step, cache_implementation, device)
+    if cache_implementation == "cuda_graph":
+        check_graphable(student)
+        check_graphable(teacher)
     if row_seeds is None:
         row_seeds = draw_row_seeds(bsz, generator, device)
     elif row_seeds.shape != (bsz,):
@@ -243,11 +248,19 @@ def _speculative_decode(
     d = draft_len
     # worst case one emitted token per round, each round adds D cache columns
     width = prompt_len - 1 + max_new_tokens * d
-    cache_len = -(-width // 64) * 64 if cache_implementation == "static" else width
+    cache_len = width if cache_implementation == "dynamic" else -(-width // 64) * 64
     mask = torch.zeros(bsz, cache_len, dtype=torch.long, device=device)
     mask[:, : prompt_len - 1] = attention_mask[:, :-1]
-    student_cache = new_cache(student, cache_implementation, cache_len)
-    teacher_cache = new_cache(teacher, cache_implementation, cache_len)
+    graphs = None
+    if cache_implementation == "cuda_graph":
+        # the student's single-token draft step and the teacher's D-token block step, each replayed as a CUDA graph
+        graphs = (graph_bucket(student, bsz, cache_len, device), graph_bucket(teacher, bsz, cache_len, device, q=d))
+        for bucket in graphs:
+            bucket.reset(attention_mask[:, :-1])
+        student_cache, teacher_cache = (bucket.cache for bucket in graphs)
+    else:
+        student_cache = new_cache(student, cache_implementation, cache_len)
+        teacher_cache = new_cache(teacher, cache_implementation, cache_len)
     student_passes = teacher_passes = 0
     student_step = compiled_forward(student) if compile_step else student
     teacher_step = compiled_forward(teacher) if compile_step else teacher
@@ -273,13 +286,19 @@ def _speculative_decode(
         mask[:, col : col + d] = 1
         feed = last
         for j in range(d):
-            logits = forward_step(student_step, feed[:, None], mask, (pos + j)[:, None], student_cache, col + j + 1)
+            if graphs is not None:
+                logits = graphs[0].step(student, feed, (pos + j)[:, None], mask)
+            else:
+                logits = forward_step(student_step, feed[:, None], mask, (pos + j)[:, None], student_cache, col + j + 1)
             u = row_uniforms(row_seeds, n_out + j, STREAM_STUDENT)
             feed = sample_from_logits(logits[:, -1, :vocab], u, temperature, top_p)
             drafts[:, j] = feed
         student_passes += d
         block = torch.cat([last[:, None], drafts[:, :-1]], dim=1)
-        teacher_logits = forward_step(teacher_step, block, mask, pos[:, None] + offsets, teacher_cache, col + d)
+        if graphs is not None:
+            teacher_logits = graphs[1].step(teacher, block, pos[:, None] + offsets, mask)
+        else:
+            teacher_logits = forward_step(teacher_step, block, mask, pos[:, None] + offsets, teacher_cache, col + d)
         teacher_passes += 1
         n_accept, replacement = verify_drafts(
             drafts,

@@ -24,6 +24,8 @@ def model():
         dict(temperature=0.7, top_p=0.9),  # warped sampling
         dict(temperature=0.0),  # greedy
         dict(temperature=1.0, cache_implementation="static"),  # preallocated fixed-shape cache
+        # static buffers + the graph's step function (on a CPU it runs uncaptured: the bookkeeping is checked here)
+        dict(temperature=1.0, cache_implementation="cuda_graph"),
         dict(temperature=1.0, check_every=1),  # the all-finished check every step stops at the same tokens
     ],
 )
@@ -110,3 +112,97 @@ def test_compiled_static_step_matches_eager_on_cuda():
         student, teacher, ids, mask, cache_implementation="static", compile_step=True, **options
     )
     assert torch.equal(compiled.sequences, eager.sequences)
+
+
+def test_graph_buckets_are_reused_across_prompt_widths_and_models(model):
+    """Successive rollouts of different prompt widths share one bucket (cache zeroed in place) and still match the
+    plain decoder; eager attention (additive mask) works like sdpa (boolean mask)."""
+    from rlkd_onpolicy.sampling.graphs import _POOLS, release_graphs
+
+    eager_model = tiny_llama(1)
+    eager_model.config._attn_implementation = "eager"
+    for m in (model, eager_model):
+        release_graphs(m)
+        for lengths, seed in (([5, 2, 7, 1], 1), ([3, 9, 2, 2], 2), ([1, 1, 4, 2], 3)):
+            ids, mask = ragged_prompts(lengths, seed=seed)
+            seeds = draw_row_seeds(len(lengths), torch.Generator().manual_seed(seed))
+            options = dict(stream=STREAM_STUDENT, max_new_tokens=NEW, eos_token_id=EOS)
+            plain = decode(m, ids, mask, seeds, **options)
+            graphed = decode(m, ids, mask, seeds, cache_implementation="cuda_graph", **options)
+            assert torch.equal(graphed.tokens, plain.tokens)
+            assert torch.equal(graphed.completion_mask, plain.completion_mask)
+        # prompt widths 7, 9, 4 + 20 new tokens all round up to a 64-column cache: one bucket
+        assert len(_POOLS[m].buckets) == 1
+        release_graphs(m)
+        assert m not in _POOLS
+
+
+def test_graph_step_has_no_host_sync(model):
+    """The captured step must not read a device value on the host (a CUDA graph cannot capture that): traced
+    with torch.compile(fullgraph=True), any such read is a graph break and raises."""
+    from rlkd_onpolicy.sampling.graphs import GraphBucket
+
+    ids, mask = ragged_prompts([5, 2, 7], seed=1)
+    bucket = GraphBucket(model, 3, 64, 1, torch.device("cpu"), capture=False)
+    bucket.reset(mask)
+    with torch.no_grad():
+        prefill = {"input_ids": ids, "attention_mask": bucket.mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
+        model(**prefill, use_cache=True, **{bucket.cache_kwarg: bucket.cache})
+        bucket.mask[:, 7] = 1
+        bucket.ids.fill_(5)
+        bucket.pos.copy_(mask.sum(-1, keepdim=True))
+        expected = bucket._forward(model)
+        for layer in bucket.cache.layers:  # rewind the write positions: the traced call redoes the same step
+            layer.cumulative_length.sub_(1)
+        bucket.column.sub_(1)
+        torch._dynamo.reset()
+        traced = torch.compile(bucket._forward, fullgraph=True, backend="eager")(model)
+    torch.testing.assert_close(traced, expected)
+
+
+def test_cuda_graph_needs_a_graphable_model():
+    from rlkd_onpolicy.sampling.graphs import check_graphable
+
+    m = tiny_llama(1)
+    m.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        check_graphable(m)
+    m.config._attn_implementation = "sdpa"
+    m.config.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match="full-attention"):
+        check_graphable(m)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_static_on_cuda():
+    """Captured and replayed on a GPU: the same tokens as the eager static-cache decoder, on first use (capture)
+    and on later rollouts (replay) of the same bucket with other prompt widths."""
+    from rlkd_onpolicy.sampling.graphs import _POOLS
+
+    model = tiny_llama(1).cuda()
+    for lengths, seed in (([5, 2, 7, 1, 4, 6], 1), ([3, 9, 2, 2, 1, 8], 2), ([5, 2, 7, 1, 4, 6], 3)):
+        ids, mask = (t.cuda() for t in ragged_prompts(lengths, seed=seed))
+        seeds = draw_row_seeds(len(lengths), torch.Generator().manual_seed(seed)).cuda()
+        options = dict(stream=STREAM_STUDENT, max_new_tokens=NEW, eos_token_id=EOS)
+        static = decode(model, ids, mask, seeds, cache_implementation="static", **options)
+        graphed = decode(model, ids, mask, seeds, cache_implementation="cuda_graph", **options)
+        assert torch.equal(graphed.tokens, static.tokens)
+        assert torch.equal(graphed.completion_mask, static.completion_mask)
+    assert all(b.graph is not None for b in _POOLS[model].buckets.values())
+
+
+@pytest.mark.gpu
+def test_cuda_graph_speculative_matches_static_on_cuda():
+    """SKD with captured student (1-token) and teacher (D-token) steps: the static-cache tokens, capture and replay."""
+    from rlkd_onpolicy.sampling import speculative_generate
+
+    student, teacher = tiny_llama(1).cuda(), tiny_llama(2, hidden=64).cuda()
+    for lengths, seed in (([5, 2, 7, 1, 4, 6], 1), ([3, 9, 2, 2, 1, 8], 2)):
+        ids, mask = (t.cuda() for t in ragged_prompts(lengths, seed=seed))
+        seeds = draw_row_seeds(len(lengths), torch.Generator().manual_seed(seed)).cuda()
+        options = dict(top_k=VOCAB // 2, max_new_tokens=NEW, eos_token_id=EOS, row_seeds=seeds)
+        static = speculative_generate(student, teacher, ids, mask, cache_implementation="static", **options)
+        graphed = speculative_generate(student, teacher, ids, mask, cache_implementation="cuda_graph", **options)
+        assert torch.equal(graphed.sequences, static.sequences)
+        assert torch.equal(graphed.token_source, static.token_source)
+        assert 0.2 < graphed.stats["acceptance_rate"] < 0.8

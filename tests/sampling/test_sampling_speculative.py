@@ -116,6 +116,9 @@ def test_verify_drafts_accepts_the_leading_run_and_replaces_the_first_failure():
             verify_on="warped",
         ),  # every warp in play, the released code's warped top-K test
         dict(top_k=VOCAB // 2, cache_implementation="static"),  # the preallocated fixed-shape cache
+        # graph buckets (student 1-token, teacher D-token steps), uncaptured on a CPU: the bookkeeping is checked
+        dict(top_k=VOCAB // 2, cache_implementation="cuda_graph"),
+        dict(top_k=5, draft_len=3, verify_on="warped", teacher_temperature=0.7, cache_implementation="cuda_graph"),
     ],
 )
 def test_ragged_batch_matches_reference_and_rows_alone(models, prompts, options):

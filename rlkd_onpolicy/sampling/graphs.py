@@ -1,0 +1,186 @@
+"""CUDA-graph replay of the single-token decode step: the sampler's fast path on a GPU.
+
+A decode step of a small model at batch 64 is a few hundred small kernels; launched one by one from Python they
+cost ~15-20 ms a step on an H100, most of it launch overhead, while reading the weights once takes ~0.3 ms.
+`torch.compile(mode="reduce-overhead")` removes the overhead but compiles for tens of seconds and again for every
+new shape. Here the step is captured as a CUDA graph directly (no compiler): capture costs one forward pass.
+
+One `GraphBucket` per (batch size, cache length, step width) holds everything the graph reads at a fixed address: a
+`StaticCache`, the step's input ids, position ids and the (B, L) 0/1 attention mask. `decode` buckets cache
+lengths to multiples of 64, so batches of varying prompt widths reuse a handful of graphs. Between rollouts the
+cache is zeroed in place (its write position is a device tensor that the graph advances itself).
+
+The captured forward is the model's own (any transformers causal LM with `sdpa` or `eager` attention and only
+full-attention layers): only the attention mask is built here, as the 4-D mask transformers passes through
+unchanged, so that no host synchronisation happens inside the step. SKD uses two kinds of bucket: the student's
+single-token draft step and the teacher's draft_len-token verification step. On a CPU the same static-buffer step runs
+without capture; the tests use that path to check the bookkeeping token for token.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+from transformers import StaticCache
+
+GRAPH_ATTENTION = ("sdpa", "eager")
+
+
+def check_graphable(model: torch.nn.Module) -> None:
+    """Raise ValueError unless `model`'s decode step can be captured as a CUDA graph by `GraphBucket`."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in GRAPH_ATTENTION:
+        raise ValueError(
+            f"cache_implementation='cuda_graph' needs attn_implementation in {GRAPH_ATTENTION}, the model uses "
+            f"{impl!r}; load it with attn_implementation='sdpa' or use cache_implementation='static'"
+        )
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise ValueError(
+            f"cache_implementation='cuda_graph' supports full-attention layers only, the model has "
+            f"{sorted(layer_types)}; use cache_implementation='static' or 'dynamic'"
+        )
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError(
+            "cache_implementation='cuda_graph' cannot capture a DeepSpeed ZeRO-3 partitioned model (its forward "
+            "gathers parameters); use cache_implementation='dynamic'"
+        )
+
+
+def graphable(model: torch.nn.Module) -> bool:
+    try:
+        check_graphable(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    from .generate import _cache_kwarg as kwarg  # one place knows transformers' rename of past_key_values
+
+    return kwarg(model)
+
+
+class GraphBucket:
+    """Static buffers, a StaticCache and (on CUDA) a captured q-token step for one batch size and cache length.
+
+    Use: `reset(prompt_mask)` before a rollout (zeroes the cache, writes the prompt's mask and sets the write
+    column to its width), a prefill of exactly that many columns through the model with `cache`, then
+    `step(model, tokens, positions)` per step; the caller sets `mask[:, column] = 1` for the tokens it feeds before
+    each step (or passes its own (B, L) mask to copy in). A step's queries see the columns whose mask is 1, up to
+    their own column (causal within a q-token block), so columns filled in advance stay invisible until reached.
+    """
+
+    def __init__(self, model, bsz: int, cache_len: int, q: int, device: torch.device, capture: bool):
+        self.capture, self.keep_last = capture, q == 1  # (no reference to the model: the pool is keyed weakly by it)
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        self.mask = torch.zeros(bsz, cache_len, dtype=torch.long, device=device)
+        self.ids = torch.zeros(bsz, q, dtype=torch.long, device=device)
+        self.pos = torch.zeros(bsz, q, dtype=torch.long, device=device)
+        self.column = torch.zeros((), dtype=torch.long, device=device)  # the cache's next write column, on device
+        self.columns = torch.arange(cache_len, device=device)
+        self.offsets = torch.arange(q, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.eager_mask = (getattr(model.config, "_attn_implementation", None) or "eager") == "eager"
+        self.cache_kwarg = _cache_kwarg(model)
+
+    def reset(self, prompt_mask: torch.Tensor) -> None:
+        self.cache.reset()  # zeroes keys, values and the write position in place: the graph's addresses stay
+        self.mask.zero_()
+        self.mask[:, : prompt_mask.shape[1]] = prompt_mask
+        self.column.fill_(prompt_mask.shape[1])
+
+    def _forward(self, model: torch.nn.Module) -> torch.Tensor:
+        causal = self.columns[None, :] <= (self.column + self.offsets)[:, None]  # (q, L)
+        allowed = self.mask[:, None, None, :].bool() & causal  # (B, 1, q, L)
+        if self.eager_mask:  # eager attention adds the mask to the scores
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        else:  # sdpa: boolean, True = attend
+            mask = allowed
+        out = model(
+            input_ids=self.ids,
+            attention_mask=mask,
+            position_ids=self.pos,
+            use_cache=True,
+            logits_to_keep=1 if self.keep_last else 0,
+            **{self.cache_kwarg: self.cache},
+        )
+        self.column.add_(self.ids.shape[1])
+        return out.logits
+
+    def step(
+        self,
+        model: torch.nn.Module,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Feed tokens (B,) or (B, q) at positions (B, q); returns logits (B, 1 or q, V), valid until the next step."""
+        self.ids.copy_(tokens.view(self.ids.shape))
+        self.pos.copy_(positions.view(self.pos.shape))
+        if mask is not None and mask is not self.mask:
+            self.mask.copy_(mask)
+        if not self.capture:
+            return self._forward(model)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        # First use: this step runs eagerly on a side stream (it also warms up cuBLAS), then the same step is
+        # captured. Capture records kernels without running them, so the write positions are not advanced twice.
+        stream = torch.cuda.Stream(device=self.ids.device)
+        stream.wait_stream(torch.cuda.current_stream(self.ids.device))
+        with torch.cuda.stream(stream):
+            logits = self._forward(model)
+        torch.cuda.current_stream(self.ids.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._forward(model)
+        self.graph = graph
+        return logits
+
+
+class GraphPool:
+    """Buckets of one model, least recently used dropped beyond `max_buckets` (each holds a KV cache)."""
+
+    def __init__(self, model: torch.nn.Module, max_buckets: int = 8):
+        self.model_ref = weakref.ref(model)
+        self.max_buckets = max_buckets
+        self.buckets: OrderedDict[tuple, GraphBucket] = OrderedDict()
+
+    def get(self, bsz: int, cache_len: int, q: int, device: torch.device) -> GraphBucket:
+        model = self.model_ref()
+        param = next(model.parameters())
+        key = (bsz, cache_len, q, str(device), param.dtype, str(param.device))
+        if key in self.buckets:
+            self.buckets.move_to_end(key)
+            return self.buckets[key]
+        while len(self.buckets) >= self.max_buckets:
+            self.buckets.popitem(last=False)
+        bucket = GraphBucket(model, bsz, cache_len, q, device, capture=device.type == "cuda")
+        self.buckets[key] = bucket
+        return bucket
+
+
+_POOLS: weakref.WeakKeyDictionary[torch.nn.Module, GraphPool] = weakref.WeakKeyDictionary()
+
+
+def graph_bucket(model: torch.nn.Module, bsz: int, cache_len: int, device: torch.device, q: int = 1) -> GraphBucket:
+    """The model's bucket for this batch size, cache length and step width q (created, and captured at its first
+    step, once)."""
+    if model not in _POOLS:
+        _POOLS[model] = GraphPool(model)
+    return _POOLS[model].get(bsz, cache_len, q, device)
+
+
+def release_graphs(model: torch.nn.Module | None = None) -> None:
+    """Free the captured graphs and their KV caches of one model (or of every model)."""
+    if model is None:
+        _POOLS.clear()
+    else:
+        _POOLS.pop(model, None)
