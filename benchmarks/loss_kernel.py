@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         def liger_jsd():
             clear()
-            liger(hidden, weight, teacher_hidden, teacher_weight).backward()
+            liger(hidden, weight, teacher_hidden, teacher_weight, None).backward()  # shift_labels=None: no mask
 
         methods.append(("Liger LigerFusedLinearJSD(0.5)", liger_jsd))
     methods.append((f"torch chunked top-{args.k} forward KL", chunked_topk))

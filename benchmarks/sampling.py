@@ -176,6 +176,71 @@ def timing(tokens, seconds, first_seconds, first_tokens, batches_run) -> dict:
     }
 
 
+def warm_up(student, teacher, batch, device) -> None:
+    ids, mask = batch
+    with torch.no_grad():
+        for model in (student, teacher):
+            model(input_ids=ids, attention_mask=mask)
+    sync(device)
+
+
+def profile_step(student, batch, new_tokens, vocab, device, repeats=40) -> dict:
+    """Median milliseconds (CUDA events) of the parts of one decode step, CUDA only: the captured forward replayed,
+    the same forward run eagerly, the row uniforms, the sampler (warp + two-level inverse CDF) and, for comparison,
+    a flat float64 inverse CDF over the whole vocabulary (the sampler before it went two-level)."""
+    if not device.startswith("cuda"):
+        return {}
+    import statistics
+
+    from rlkd_onpolicy.sampling import decode, draw_row_seeds, row_uniforms, sample_from_logits
+    from rlkd_onpolicy.sampling.graphs import _POOLS
+
+    ids, mask = batch
+    seeds = draw_row_seeds(ids.shape[0], torch.Generator().manual_seed(0), ids.device)
+    decode(student, ids, mask, seeds, stream=1, max_new_tokens=new_tokens, pad_token_id=0, vocab_size=vocab,
+           cache_implementation="cuda_graph")  # fmt: skip
+    bucket = next(reversed(_POOLS[student].buckets.values()))  # the bucket just used, its graph captured
+    width = ids.shape[1]
+
+    def rewind():  # each forward advances the write column by one: start every timing from the prompt's end
+        for layer in bucket.cache.layers:
+            layer.cumulative_length.fill_(width)
+        bucket.column.fill_(width)
+
+    def timed(fn, advances=False):
+        if advances:
+            rewind()
+        fn()
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for a, b in zip(starts, ends, strict=True):
+            a.record()
+            fn()
+            b.record()
+        torch.cuda.synchronize()
+        if advances:
+            rewind()
+        return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends, strict=True))
+
+    logits = bucket.logits[:, -1, :vocab].clone()
+    u = row_uniforms(seeds, 0, 1)
+
+    def flat():
+        probs = torch.softmax(logits.float(), -1)
+        cdf = probs.cumsum(-1, dtype=torch.float64)
+        return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
+
+    with torch.no_grad():
+        return {
+            "graph_replay": timed(bucket.graph.replay, advances=True),
+            "eager_forward": timed(lambda: bucket._forward(student), advances=True),
+            "row_uniforms": timed(lambda: row_uniforms(seeds, 5, 1)),
+            "sample_from_logits": timed(lambda: sample_from_logits(logits, u, 1.0, 1.0)),
+            "flat_float64_inverse_cdf": timed(flat),
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,6 +251,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--skd-top-k", type=int, default=25)
     parser.add_argument("--skip", nargs="*", default=[], help="row names to skip, e.g. generate_static")
+    parser.add_argument("--rows", nargs="*", default=None, help="run only these rows, in this order")
+    parser.add_argument("--profile-step", action="store_true", help="CUDA-event times of one decode step's parts")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
@@ -248,11 +315,21 @@ def main() -> None:
         "speculative_accept_all": row("speculative", skd_top_k=student_cfg["vocab_size"]),
     }
     if on_cuda:
+        runs["speculative_cuda_graph"] = row("speculative", cache_implementation="cuda_graph")
+        runs["speculative_accept_all_cuda_graph"] = row(
+            "speculative", cache_implementation="cuda_graph", skd_top_k=student_cfg["vocab_size"]
+        )
         runs["seq_kd_cuda_graph"] = row("seq_kd", cache_implementation="cuda_graph")
         runs["speculative_static"] = row("speculative", cache_implementation="static")
     runs["seq_kd"] = row("seq_kd")
     if on_cuda:
         runs["on_policy_static_compiled"] = row("on_policy", cache_implementation="static", compile_step=True)
+    if args.rows:
+        unknown = sorted(set(args.rows) - set(runs))
+        if unknown:
+            parser.error(f"--rows {unknown} unknown; rows here: {sorted(runs)}")
+        runs = {name: runs[name] for name in args.rows}
+    warm_up(student, teacher, batches[0], args.device)  # CUDA context, cuBLAS handles: not charged to the first row
     results = {}
     for name, fn in runs.items():
         if name in args.skip:
@@ -275,6 +352,12 @@ def main() -> None:
             flush=True,
         )
         write(args.out, meta, results)  # after every row: a run cut short by a time limit keeps what it measured
+
+    if args.profile_step:  # after the rows, so that no row finds a graph captured for it already
+        profile = profile_step(student, batches[0], new_tokens, student_cfg["vocab_size"], args.device)
+        meta["step_profile_ms"] = profile
+        print("step profile (ms):", json.dumps(profile), flush=True)
+        write(args.out, meta, results)
 
     def tps(name):
         return results.get(name, {}).get("tokens_per_second")
