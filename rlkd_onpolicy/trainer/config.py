@@ -13,6 +13,7 @@ from rlkd_onpolicy.losses.ranking import UNIONS
 
 SAMPLING_MODES = ("off_policy", "seq_kd", "on_policy", "mixed", "speculative")
 VERIFY_ON = ("raw", "warped")
+GENERATION_CACHES = ("auto", "cuda_graph", "static", "dynamic")
 NONFINITE_POLICIES = ("error", "skip")
 
 
@@ -54,6 +55,13 @@ class RLKDConfig(TrainingArguments):
         default="raw",
         metadata={"help": f"SKD: whether the top-K test reads the teacher's raw or warped distribution {VERIFY_ON}; "
                           "the released SKD code tests the warped one."},
+    )
+    generation_cache: str = field(
+        default="auto",
+        metadata={"help": f"KV cache of the rollouts, one of {GENERATION_CACHES}: auto = cuda_graph where it applies "
+                          "(CUDA, sdpa/eager attention, full-attention layers, no ZeRO-3 or FSDP), else dynamic; "
+                          "cuda_graph = a static cache and every decode step replayed as a CUDA graph (fast on a "
+                          "GPU); static; dynamic (transformers' DynamicCache, eager)."},
     )
     # -- the loss ------------------------------------------------------------------------------------------------
     loss: str = field(default="fkl", metadata={"help": f"KD divergence, one of {LOSSES} (p = teacher, q = student)."})
@@ -134,6 +142,8 @@ class RLKDConfig(TrainingArguments):
             fail("rank_union", self.rank_union, f"use one of {UNIONS}.")
         if self.missing_mass not in MISSING_MASS:
             fail("missing_mass", self.missing_mass, f"use one of {MISSING_MASS}.")
+        if self.generation_cache not in GENERATION_CACHES:
+            fail("generation_cache", self.generation_cache, f"use one of {GENERATION_CACHES}.")
         if self.skd_verify_on not in VERIFY_ON:
             fail("skd_verify_on", self.skd_verify_on, f"use one of {VERIFY_ON}.")
         if self.nonfinite_policy not in NONFINITE_POLICIES:

@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer
 
 from rlkd_onpolicy.data.prompt_completion import (
@@ -28,7 +29,8 @@ from rlkd_onpolicy.data.prompt_completion import (
 from rlkd_onpolicy.losses import distillation_loss, teacher_topk
 from rlkd_onpolicy.metrics import topk_agreement, topk_overlap_metrics
 from rlkd_onpolicy.sampling import SOURCE_TEACHER, Rollout, RolloutSampler
-from rlkd_onpolicy.sampling.generate import output_vocab_size
+from rlkd_onpolicy.sampling.generate import model_device, output_vocab_size
+from rlkd_onpolicy.sampling.graphs import graphable
 from rlkd_onpolicy.trainer.config import RLKDConfig
 from rlkd_onpolicy.trainer.deepspeed import prepare_teacher, teacher_for_generation
 from rlkd_onpolicy.trainer.reliability import (
@@ -193,11 +195,18 @@ class RLKDTrainer(Trainer):
         if self.teacher is not None:
             self.teacher.eval()
             self.teacher.requires_grad_(False)
+        # with a cache both off_policy and seq_kd train on the cached (dataset or teacher-made) completions
+        mode = "off_policy" if self.teacher_cache is not None else args.sampling_mode
+        student = self.accelerator.unwrap_model(self.model)
+        teacher_model = None if self.teacher is None else self.accelerator.unwrap_model(self.teacher)
+        self.generation_cache = resolve_generation_cache(
+            args.generation_cache, mode, student, teacher_model, self.accelerator.distributed_type
+        )
         self.sampler = RolloutSampler(
-            # with a cache both off_policy and seq_kd train on the cached (dataset or teacher-made) completions
-            "off_policy" if self.teacher_cache is not None else args.sampling_mode,
-            self.accelerator.unwrap_model(self.model),
-            None if self.teacher is None else self.accelerator.unwrap_model(self.teacher),
+            mode,
+            student,
+            teacher_model,
+            cache_implementation=self.generation_cache,
             lmbda=args.lmbda,
             max_new_tokens=args.max_new_tokens,
             temperature=args.sampling_temperature,
@@ -478,3 +487,17 @@ def _open_cache(args: RLKDConfig, tokenizer, teacher_model, train_dataset, eval_
     if args.rank_weight > 0 and args.rank_k > cache.header.k:
         raise ValueError(f"rank_k={args.rank_k} exceeds the cache's k={cache.header.k}; lower rank_k.")
     return cache
+
+
+def resolve_generation_cache(setting: str, mode: str, student, teacher, distributed_type) -> str:
+    """RLKDConfig.generation_cache -> the sampler's cache_implementation. "auto" picks "cuda_graph" when the
+    student (and, for seq_kd / speculative, the teacher) sits on a CUDA device whole, i.e. one process or DDP,
+    and its decode step can be captured (sdpa/eager attention, full-attention layers); else "dynamic"."""
+    if setting != "auto":
+        return setting
+    models = [student] + ([teacher] if mode in ("seq_kd", "speculative") and teacher is not None else [])
+    whole = distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
+    if whole and all(model_device(m).type == "cuda" and graphable(m) for m in models):
+        return "cuda_graph"
+    return "dynamic"
+

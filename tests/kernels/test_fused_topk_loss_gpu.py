@@ -42,12 +42,23 @@ def test_triton_parity_at_vocabulary_152k(dtype, loss):
     got = run(hidden, weight, top, "triton", loss=loss)
     if dtype == torch.float32:
         expected = run(hidden.double(), weight.double(), top, "torch", loss=loss)
-        tolerance = 1e-5
+        errors = [relative(a, b) for a, b in zip(got, expected, strict=True)]
+        if loss == "rkl":
+            # Reverse KL's gradient at V = 152k is ill-conditioned in float32: on the H200 the float32 reference
+            # itself is 6e-5 from float64 (the kernel 3e-5; benchmarks/kernel_accuracy.py). The 1e-5 target is
+            # out of float32's reach here, so the kernel must be at least as accurate as the reference in float32.
+            reference = run(hidden, weight, top, "torch", loss=loss)
+            reference_errors = [relative(a, b) for a, b in zip(reference, expected, strict=True)]
+            assert all(e <= max(1e-5, r) for e, r in zip(errors, reference_errors, strict=True)), (
+                errors,
+                reference_errors,
+            )
+            return
+        assert max(errors) <= 1e-5, errors
     else:
         expected = run(hidden, weight, top, "torch", loss=loss)
-        tolerance = 2e-2
-    errors = [relative(a, b) for a, b in zip(got, expected, strict=True)]
-    assert max(errors) <= tolerance, errors
+        errors = [relative(a, b) for a, b in zip(got, expected, strict=True)]
+        assert max(errors) <= 2e-2, errors
 
 
 def test_triton_peak_memory_under_one_gib():

@@ -32,6 +32,7 @@ def _trainer(tmp_path, train, student_vocab=64, teacher=None, tokenizer=None, **
         ("rank_weight", -1.0, "rank_weight=-1.0 is invalid"),
         ("skd_verify_on", "both", "skd_verify_on='both' is invalid"),
         ("missing_mass", "zero", "missing_mass='zero' is invalid"),
+        ("generation_cache", "paged", "generation_cache='paged' is invalid"),
     ],
 )
 def test_config_range_checks_name_the_value(tmp_path, field, value, message):
@@ -82,3 +83,13 @@ def test_long_prompts_are_truncated_from_the_left(tmp_path):
     row = trainer.train_dataset[0]
     assert len(row["prompt_ids"]) == 8 and len(row["prompt_ids"]) + len(row["completion_ids"]) <= 16
     trainer.train()
+
+
+def test_cuda_graph_generation_on_a_cpu_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="cache_implementation='cuda_graph' needs the models on a CUDA device"):
+        _trainer(tmp_path, tiny_pairs(4), generation_cache="cuda_graph")
+
+
+def test_auto_generation_cache_is_dynamic_on_a_cpu(tmp_path):
+    trainer = _trainer(tmp_path, tiny_pairs(4))
+    assert trainer.generation_cache == "dynamic" and trainer.sampler.cache_implementation == "dynamic"
