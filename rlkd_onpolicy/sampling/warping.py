@@ -32,34 +32,16 @@ def warp_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) 
     return warp_probs(logits, temperature, top_p).log()
 
 
-_BLOCK = 256  # tokens per block of the two-level inverse CDF
-
-
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling: the smallest index whose cumulative mass exceeds u * total.
 
     probs (N, V) non-negative (need not be normalised); uniforms (N,) in [0, 1). Returns (N,) int64.
-    Two levels, so that no scan runs along a whole 150k-token row (a GPU scans a long row in one block, which
-    took milliseconds per decoding step): cumulative sums inside blocks of 256 tokens (many short rows, parallel),
-    a cumulative sum of the block totals, then the block and the token inside it. The sums run in float64 and
-    every comparison is `right=True`, so a zero-probability token (or block) is never chosen: its cumulative value
-    equals its predecessor's. The block totals are the in-block sums' last entries, so both levels agree.
+    The cumulative sum runs in float64 so that u * total < total always holds, and `right=True` never lands on a
+    zero-probability token (its cumulative value equals its predecessor's).
     """
-    n, vocab = probs.shape
-    blocks = -(-vocab // _BLOCK)
-    padded = probs.new_zeros(n, blocks * _BLOCK, dtype=torch.float64)
-    padded[:, :vocab] = probs
-    inner = padded.view(n, blocks, _BLOCK).cumsum(-1)  # (N, blocks, BLOCK)
-    outer = inner[:, :, -1].cumsum(-1)  # (N, blocks): mass up to the end of each block
-    target = uniforms.to(torch.float64).unsqueeze(-1) * outer[:, -1:]  # (N, 1), < total for u < 1
-    block = torch.searchsorted(outer, target, right=True).clamp_max(blocks - 1)  # (N, 1)
-    before = torch.where(block > 0, outer.gather(1, (block - 1).clamp_min(0)), 0.0)
-    local = inner.gather(1, block[:, :, None].expand(n, 1, _BLOCK)).squeeze(1)  # (N, BLOCK)
-    offset = torch.searchsorted(local, target - before, right=True)
-    # rounding in `target - before` may land at the block's end: stay on its last token with mass
-    last_positive = torch.searchsorted(local, local[:, -1:].contiguous(), right=False)
-    offset = torch.minimum(offset, last_positive)
-    return (block * _BLOCK + offset).squeeze(-1).clamp_max(vocab - 1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    target = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
 def sample_from_logits(
