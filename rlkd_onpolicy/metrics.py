@@ -53,6 +53,15 @@ def topk_overlap_metrics(
     return _overlaps(student.topk(max(ks), dim=-1).indices, teacher_top, ks)
 
 
+def topk_overlap_from_ids(
+    student_topk_ids: torch.Tensor, teacher_topk_ids: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
+    """`topk_overlap_metrics` from the student's sorted top ids `(n, ≥ max(ks))` of counted tokens (when its logits
+    were never materialised) and the teacher's `(n, K)`."""
+    _check_ks(ks, min(student_topk_ids.shape[-1], teacher_topk_ids.shape[-1]))
+    return _overlaps(student_topk_ids, teacher_topk_ids, ks)
+
+
 @torch.no_grad()
 def topk_agreement(
     student_logits: torch.Tensor,

@@ -14,6 +14,7 @@ from rlkd_onpolicy.losses.ranking import UNIONS
 SAMPLING_MODES = ("off_policy", "seq_kd", "on_policy", "mixed", "speculative")
 VERIFY_ON = ("raw", "warped")
 GENERATION_CACHES = ("auto", "cuda_graph", "static", "dynamic")
+LOSS_BACKENDS = ("auto", "logits", "fused")
 NONFINITE_POLICIES = ("error", "skip")
 
 
@@ -88,6 +89,14 @@ class RLKDConfig(TrainingArguments):
         metadata={"help": "None = the teacher's full vocabulary; an int K = a sparse teacher (its top-K on the device "
                           "right after its forward pass, as a cache stores it)."},
     )
+    loss_backend: str = field(
+        default="auto",
+        metadata={"help": f"How the student's side of the loss is computed, one of {LOSS_BACKENDS}: logits = the full "
+                          "(B, T, V) logits (any teacher, any option); fused = rlkd_onpolicy.kernels.fused_topk_loss "
+                          "from the final hidden states and the output layer, never holding the logits (a sparse "
+                          "teacher: teacher_top_k or teacher_cache; not with rank_dynamic_weighting or ZeRO-3); "
+                          "auto = fused where it applies, else logits."},
+    )
     teacher_cache: str | None = field(
         default=None,
         metadata={"help": "A teacher top-k cache folder (python -m rlkd_onpolicy.cache build): the teacher is read "
@@ -142,6 +151,14 @@ class RLKDConfig(TrainingArguments):
             fail("rank_union", self.rank_union, f"use one of {UNIONS}.")
         if self.missing_mass not in MISSING_MASS:
             fail("missing_mass", self.missing_mass, f"use one of {MISSING_MASS}.")
+        if self.loss_backend not in LOSS_BACKENDS:
+            fail("loss_backend", self.loss_backend, f"use one of {LOSS_BACKENDS}.")
+        if self.loss_backend == "fused" and self.teacher_top_k is None and self.teacher_cache is None:
+            fail("loss_backend", self.loss_backend, "the fused loss needs a sparse teacher: set teacher_top_k (e.g. "
+                 "64) or teacher_cache, or use loss_backend='logits'.")
+        if self.loss_backend == "fused" and self.rank_dynamic_weighting:
+            fail("loss_backend", self.loss_backend, "the fused loss has no rank_dynamic_weighting: use "
+                 "loss_backend='logits' for it.")
         if self.generation_cache not in GENERATION_CACHES:
             fail("generation_cache", self.generation_cache, f"use one of {GENERATION_CACHES}.")
         if self.skd_verify_on not in VERIFY_ON:

@@ -26,13 +26,14 @@ from rlkd_onpolicy.data.prompt_completion import (
     tokenize_example,
     validate_prompt_completion_dataset,
 )
-from rlkd_onpolicy.losses import distillation_loss, teacher_topk
-from rlkd_onpolicy.metrics import topk_agreement, topk_overlap_metrics
+from rlkd_onpolicy.kernels import fused_topk_loss
+from rlkd_onpolicy.losses import DistillationLoss, distillation_loss, teacher_topk
+from rlkd_onpolicy.metrics import topk_agreement, topk_overlap_from_ids, topk_overlap_metrics
 from rlkd_onpolicy.sampling import SOURCE_TEACHER, Rollout, RolloutSampler
 from rlkd_onpolicy.sampling.generate import model_device, output_vocab_size
 from rlkd_onpolicy.sampling.graphs import graphable
 from rlkd_onpolicy.trainer.config import RLKDConfig
-from rlkd_onpolicy.trainer.deepspeed import prepare_teacher, teacher_for_generation
+from rlkd_onpolicy.trainer.deepspeed import is_zero3, prepare_teacher, teacher_for_generation
 from rlkd_onpolicy.trainer.reliability import (
     NonFiniteGuard,
     remove_staging_folders,
@@ -199,6 +200,8 @@ class RLKDTrainer(Trainer):
         mode = "off_policy" if self.teacher_cache is not None else args.sampling_mode
         student = self.accelerator.unwrap_model(self.model)
         teacher_model = None if self.teacher is None else self.accelerator.unwrap_model(self.teacher)
+        self.loss_backend = resolve_loss_backend(args, self.teacher_cache is not None, self.accelerator)
+        self._fused_head_checked = False
         self.generation_cache = resolve_generation_cache(
             args.generation_cache, mode, student, teacher_model, self.accelerator.distributed_type
         )
@@ -307,9 +310,18 @@ class RLKDTrainer(Trainer):
         args = self.args
         start = rollout.prompt_length
         # Logits at column t predict token t+1: columns P-1 … T-2 predict the completion tokens P … T-1.
-        student_logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
-        student_logits = student_logits[:, start - 1 : -1, : self.vocab_size]
         mask = rollout.completion_mask[:, start:]
+        student_logits = student_hidden = None
+        if self.loss_backend == "fused":
+            # Only the last position's logits are made (the model's forward needs some); the loss reads the
+            # final hidden states and the output layer chunk by chunk.
+            outputs = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                            output_hidden_states=True, logits_to_keep=1)  # fmt: skip
+            self._check_fused_head(outputs)
+            student_hidden = outputs.hidden_states[-1][:, start - 1 : -1]
+        else:
+            student_logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
+            student_logits = student_logits[:, start - 1 : -1, : self.vocab_size]
         teacher_logits = None
         teacher_kwargs: dict[str, Any] = {}
         if self.teacher_cache is not None:
@@ -327,22 +339,10 @@ class RLKDTrainer(Trainer):
             teacher_kwargs.update(
                 teacher_topk_ids=top.ids, teacher_topk_logprobs=top.logprobs, teacher_tail_logprob=top.tail_logprob
             )
-        out = distillation_loss(
-            student_logits,
-            **teacher_kwargs,
-            loss=args.loss,
-            beta=args.beta,
-            skew_alpha=args.skew_alpha,
-            temperature=args.temperature,
-            missing_mass=args.missing_mass,
-            rank_weight=args.rank_weight,
-            rank_k=args.rank_k,
-            rank_union=args.rank_union,
-            rank_dynamic_weighting=args.rank_dynamic_weighting,
-            regularization_strength=args.rank_regularization_strength,
-            mask=mask,
-            reduction="sum",
-        )
+        if student_hidden is not None:
+            out = self._fused_loss(student_hidden, teacher_kwargs, mask)
+        else:
+            out = self._logits_loss(student_logits, teacher_kwargs, mask)
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
             loss = out.loss / out.num_tokens.clamp_min(1)
         else:
@@ -350,8 +350,75 @@ class RLKDTrainer(Trainer):
             # without a single completion token (all masked) gives 0, not 0/0.
             loss = out.loss / num_items_in_batch.clamp_min(1) * self.accelerator.num_processes
             self.nonfinite_guard.check_loss(loss, self)
-        self._record(student_logits.detach(), teacher_logits, teacher_kwargs, mask, out, rollout)
+        self._record(student_logits, student_hidden, teacher_logits, teacher_kwargs, mask, out, rollout)
         return (loss, {"rollout": rollout}) if return_outputs else loss
+
+    def _loss_options(self) -> dict[str, Any]:
+        """The objective's settings, shared by both loss paths."""
+        args = self.args
+        return dict(loss=args.loss, beta=args.beta, skew_alpha=args.skew_alpha, temperature=args.temperature,
+                    missing_mass=args.missing_mass, rank_weight=args.rank_weight, rank_k=args.rank_k,
+                    rank_union=args.rank_union, regularization_strength=args.rank_regularization_strength)  # fmt: skip
+
+    def _logits_loss(self, student_logits, teacher_kwargs, mask) -> DistillationLoss:
+        return distillation_loss(
+            student_logits,
+            **teacher_kwargs,
+            **self._loss_options(),
+            rank_dynamic_weighting=self.args.rank_dynamic_weighting,
+            mask=mask,
+            reduction="sum",
+        )
+
+    def _output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The student's output projection (V, H) cut to the shared vocabulary, and its bias."""
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        return head.weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size]
+
+    def _fused_loss(self, hidden, teacher_kwargs, mask) -> DistillationLoss:
+        weight, bias = self._output_layer()
+        loss, parts = fused_topk_loss(
+            hidden,
+            weight,
+            teacher_kwargs["teacher_topk_ids"],
+            teacher_kwargs["teacher_topk_logprobs"],
+            mask,
+            lm_head_bias=bias,
+            teacher_tail_logprob=teacher_kwargs.get("teacher_tail_logprob"),
+            **self._loss_options(),
+            reduction="sum",
+            return_parts=True,
+        )
+        return DistillationLoss(loss=loss, kd=parts["kd"], rank=parts["rank"], num_tokens=mask.sum())
+
+    @torch.no_grad()
+    def _student_top_ids(self, hidden, mask, chunk: int = 1024) -> torch.Tensor:
+        """The student's sorted top-max(metric_ks) ids at counted tokens (n, k), from hidden states in chunks."""
+        weight, bias = self._output_layer()
+        rows = hidden[mask]
+        k = max(self.args.metric_ks)
+        tops = [torch.nn.functional.linear(rows[i : i + chunk], weight, bias).topk(k, dim=-1).indices
+                for i in range(0, rows.shape[0], chunk)]  # fmt: skip
+        return torch.cat(tops) if tops else rows.new_zeros(0, k, dtype=torch.long)
+
+    def _check_fused_head(self, outputs) -> None:
+        """Once: the model's logits must be its output layer applied to its last hidden state (no softcapping or
+        scaling in between), else the fused loss would train another objective."""
+        if self._fused_head_checked:
+            return
+        weight, bias = self._output_layer()
+        with torch.no_grad():
+            mine = torch.nn.functional.linear(outputs.hidden_states[-1][:, -1:], weight, bias).float()
+            theirs = outputs.logits[:, -1:, : self.vocab_size].detach().float()
+            same = torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max().clamp_min(1)))
+        if not same:
+            raise ValueError(
+                f"loss_backend={self.args.loss_backend!r}: this student's logits are not its output layer applied to "
+                "its last hidden state (softcapping or logit scaling?), so the fused loss cannot stand in for them; "
+                "set loss_backend='logits'."
+            )
+        self._fused_head_checked = True
 
     def _cached_teacher(self, example_index: torch.Tensor, rollout: Rollout) -> dict[str, torch.Tensor]:
         """The cache's top-K for the batch, laid out like the completion columns `(B, C, K)`."""
@@ -415,13 +482,17 @@ class RLKDTrainer(Trainer):
     # -- logging -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _record(self, student_logits, teacher_logits, teacher_kwargs, mask, out, rollout: Rollout) -> None:
+    def _record(self, student_logits, student_hidden, teacher_logits, teacher_kwargs, mask, out, rollout) -> None:
         metrics = self._metrics["eval" if self._evaluating else "train"]
         tokens = max(int(out.num_tokens), 1)
         metrics["kd_loss"].append(out.kd.item() / tokens)
         metrics["rank_loss"].append(out.rank.item() / tokens)
         metrics["completion_tokens"].append(float(out.num_tokens))
-        if "teacher_topk_ids" in teacher_kwargs:
+        if student_logits is None:  # fused loss: the student's top ids, one chunk of logits at a time
+            teacher_top = teacher_kwargs["teacher_topk_ids"][mask]
+            agreement = topk_overlap_from_ids(self._student_top_ids(student_hidden, mask), teacher_top,
+                                              ks=tuple(self.args.metric_ks))  # fmt: skip
+        elif "teacher_topk_ids" in teacher_kwargs:
             agreement = topk_overlap_metrics(student_logits, teacher_kwargs["teacher_topk_ids"],
                                              ks=tuple(self.args.metric_ks), mask=mask)
         else:
@@ -500,4 +571,18 @@ def resolve_generation_cache(setting: str, mode: str, student, teacher, distribu
     if whole and all(model_device(m).type == "cuda" and graphable(m) for m in models):
         return "cuda_graph"
     return "dynamic"
+
+
+def resolve_loss_backend(args: RLKDConfig, cached_teacher: bool, accelerator) -> str:
+    """RLKDConfig.loss_backend -> "fused" or "logits" (see the field's help)."""
+    sparse = cached_teacher or args.teacher_top_k is not None
+    fits = sparse and not args.rank_dynamic_weighting and not is_zero3(accelerator)
+    if args.loss_backend == "fused" and is_zero3(accelerator):
+        raise ValueError(
+            "loss_backend='fused' reads the whole output layer, which DeepSpeed ZeRO-3 partitions across ranks; "
+            "use loss_backend='logits' (or 'auto') with ZeRO-3."
+        )
+    if args.loss_backend == "auto":
+        return "fused" if fits else "logits"
+    return args.loss_backend
 
