@@ -307,6 +307,8 @@ def main() -> None:
     runs = {"generate_default": gen_row()}
     if on_cuda:
         runs["on_policy_cuda_graph"] = row("on_policy", cache_implementation="cuda_graph")
+        # the whole step (sampling and bookkeeping too) in the graph: one replay per token
+        runs["on_policy_cuda_graph_sampling"] = row("on_policy", cache_implementation="cuda_graph", graph_sampling=True)
     runs |= {
         "on_policy": row("on_policy"),
         "generate_static": gen_row(cache_implementation="static"),

@@ -203,6 +203,7 @@ def decode(
     cache_implementation: str = "dynamic",
     check_every: int = 8,
     compile_step: bool = False,
+    graph_sampling: bool = False,
 ) -> DecodeOutput:
     """Sample up to `max_new_tokens` per row from `model`, batched, with a KV cache.
 
@@ -210,7 +211,9 @@ def decode(
     uses the uniform `row_uniforms(row_seeds[i], t, stream)`, so a row's tokens do not depend on the rest of the
     batch. vocab_size cuts logits (padding rows of a larger output layer are never sampled). compile_step wraps
     the single-token step in torch.compile (CUDA and a static cache only: fixed shapes give one graph per
-    (batch, cache length) bucket, and mode "reduce-overhead" replays it as a CUDA graph).
+    (batch, cache length) bucket, and mode "reduce-overhead" replays it as a CUDA graph). graph_sampling (with
+    cache_implementation "cuda_graph") captures the sampling and bookkeeping in the step's graph too, so a step is
+    one replay (graphs.SampledStep; same tokens; not yet measured on a GPU).
     """
     bsz, prompt_len = input_ids.shape
     device = input_ids.device
@@ -234,6 +237,12 @@ def decode(
     logits = forward_step(model, input_ids, mask, position_ids_from_mask(attention_mask), cache, prompt_len, True)
     passes = 1
     next_pos = attention_mask.long().sum(-1, keepdim=True)  # (B, 1) position of the next token per row
+    if graph_sampling:
+        if bucket is None:
+            raise ValueError("graph_sampling=True needs cache_implementation='cuda_graph'")
+        return _decode_sampled(model, bucket, logits, row_seeds, next_pos, eos, stream=stream,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               pad_token_id=pad_token_id, vocab_size=vocab_size, check_every=check_every)  # fmt: skip
     tokens = torch.full((bsz, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
@@ -252,6 +261,24 @@ def decode(
             logits = forward_step(step, tok[:, None], mask, next_pos, cache, prompt_len + t + 1)
         passes += 1
         next_pos = next_pos + 1
+    completion_mask = first_eos_mask(tokens, eos)
+    tokens = torch.where(completion_mask, tokens, pad_token_id)
+    return DecodeOutput(tokens=tokens, completion_mask=completion_mask, forward_passes=passes)
+
+
+def _decode_sampled(model, bucket, logits, row_seeds, next_pos, eos, *, stream, max_new_tokens, temperature, top_p,
+                    pad_token_id, vocab_size, check_every) -> DecodeOutput:  # fmt: skip
+    """`decode`'s loop with every step one `SampledStep` (sampling, bookkeeping and forward in one graph)."""
+    sampled = bucket.sampled_step(logits, stream=stream, temperature=temperature, top_p=top_p,
+                                  vocab_size=vocab_size, eos=eos, pad=pad_token_id)  # fmt: skip
+    sampled.start(logits, row_seeds, next_pos)
+    passes = 1
+    for t in range(max_new_tokens):
+        sampled.step(model)  # samples token t, then feeds it forward (the last forward is not needed, but cheap)
+        passes += 1
+        if (t + 1) % check_every == 0 and bool(sampled.done.all()):
+            break
+    tokens = sampled.tokens[:, :max_new_tokens].clone()
     completion_mask = first_eos_mask(tokens, eos)
     tokens = torch.where(completion_mask, tokens, pad_token_id)
     return DecodeOutput(tokens=tokens, completion_mask=completion_mask, forward_passes=passes)

@@ -66,6 +66,21 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return kwarg(model)
 
 
+def _run_then_capture(run, device: torch.device):
+    """First use of a step: run it eagerly on a side stream (this is the real step; it also warms up cuBLAS), then
+    capture the same step. Capture records kernels without running them, so no state advances twice.
+    Returns (the eager run's result, the graph, the captured run's output buffers)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        result = run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    return result, graph, captured
+
+
 class GraphBucket:
     """Static buffers, a StaticCache and (on CUDA) a captured q-token step for one batch size and cache length.
 
@@ -89,6 +104,16 @@ class GraphBucket:
         self.logits: torch.Tensor | None = None
         self.eager_mask = (getattr(model.config, "_attn_implementation", None) or "eager") == "eager"
         self.cache_kwarg = _cache_kwarg(model)
+        self.sampled_steps: dict[tuple, SampledStep] = {}
+
+    def sampled_step(self, logits: torch.Tensor, *, stream, temperature, top_p, vocab_size, eos, pad) -> SampledStep:
+        """This bucket's whole-step graph for these sampling settings (built once per setting)."""
+        key = (stream, temperature, top_p, vocab_size, pad, None if eos is None else tuple(eos.tolist()),
+               logits.dtype, logits.shape[-1])  # fmt: skip
+        if key not in self.sampled_steps:
+            self.sampled_steps[key] = SampledStep(self, logits, stream=stream, temperature=temperature, top_p=top_p,
+                                                  vocab_size=vocab_size, eos=eos, pad=pad)  # fmt: skip
+        return self.sampled_steps[key]
 
     def reset(self, prompt_mask: torch.Tensor) -> None:
         self.cache.reset()  # zeroes keys, values and the write position in place: the graph's addresses stay
@@ -133,18 +158,69 @@ class GraphBucket:
         if self.graph is not None:
             self.graph.replay()
             return self.logits
-        # First use: this step runs eagerly on a side stream (it also warms up cuBLAS), then the same step is
-        # captured. Capture records kernels without running them, so the write positions are not advanced twice.
-        stream = torch.cuda.Stream(device=self.ids.device)
-        stream.wait_stream(torch.cuda.current_stream(self.ids.device))
-        with torch.cuda.stream(stream):
-            logits = self._forward(model)
-        torch.cuda.current_stream(self.ids.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._forward(model)
-        self.graph = graph
+        logits, self.graph, self.logits = _run_then_capture(lambda: self._forward(model), self.ids.device)
         return logits
+
+
+class SampledStep:
+    """A whole decode step in one graph: sample from the previous step's logits, record the token, feed it forward.
+
+    Built on a `GraphBucket` (its cache, mask, ids and positions) for one set of sampling settings, which the graph
+    bakes in. The step counter, the row seeds, the next positions, the finished rows and the tokens live in device
+    buffers the graph reads and advances, so that a decoding step is one replay and no eager op. `start` loads a
+    rollout's prefill logits, seeds and positions; `tokens[:, :t]` holds the sampled tokens after t steps.
+    """
+
+    def __init__(self, bucket: GraphBucket, logits: torch.Tensor, *, stream, temperature, top_p, vocab_size, eos,
+                 pad: int):  # fmt: skip
+        bsz, device = bucket.ids.shape[0], bucket.ids.device
+        self.bucket, self.capture = bucket, bucket.capture
+        self.settings = (stream, temperature, top_p, vocab_size, pad)
+        self.logits = torch.zeros_like(logits[:, -1:])
+        self.tokens = torch.full((bsz, bucket.mask.shape[1]), pad, dtype=torch.long, device=device)
+        self.done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        self.step_index = torch.zeros((), dtype=torch.long, device=device)
+        self.seeds = torch.zeros(bsz, dtype=torch.long, device=device)
+        self.next_pos = torch.zeros(bsz, 1, dtype=torch.long, device=device)
+        self.eos = None if eos is None else eos.to(device).clone()
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def start(self, logits: torch.Tensor, row_seeds: torch.Tensor, next_pos: torch.Tensor) -> None:
+        _, _, _, _, pad = self.settings
+        self.logits.copy_(logits[:, -1:])
+        self.seeds.copy_(row_seeds)
+        self.next_pos.copy_(next_pos)
+        self.done.zero_()
+        self.step_index.zero_()
+        self.tokens.fill_(pad)
+
+    def _run(self, model: torch.nn.Module) -> None:
+        from .rng import row_uniforms
+        from .warping import sample_from_logits
+
+        stream, temperature, top_p, vocab_size, pad = self.settings
+        bucket, bsz = self.bucket, self.tokens.shape[0]
+        uniforms = row_uniforms(self.seeds, self.step_index.expand(bsz), stream)
+        tok = sample_from_logits(self.logits[:, -1, :vocab_size], uniforms, temperature, top_p)
+        tok = torch.where(self.done, pad, tok)
+        self.tokens.scatter_(1, self.step_index.view(1, 1).expand(bsz, 1), tok[:, None])
+        if self.eos is not None:
+            self.done |= (tok[:, None] == self.eos).any(-1)
+        bucket.mask.scatter_(1, bucket.column.view(1, 1).expand(bsz, 1), 1)  # the fed token's column
+        bucket.ids.copy_(tok[:, None])
+        bucket.pos.copy_(self.next_pos)
+        self.logits.copy_(bucket._forward(model))
+        self.next_pos.add_(1)
+        self.step_index.add_(1)
+
+    def step(self, model: torch.nn.Module) -> None:
+        """One decoding step (replayed once captured; the first call runs it eagerly, then captures it)."""
+        if not self.capture:
+            self._run(model)
+        elif self.graph is not None:
+            self.graph.replay()
+        else:
+            _, self.graph, _ = _run_then_capture(lambda: self._run(model), self.tokens.device)
 
 
 class GraphPool:

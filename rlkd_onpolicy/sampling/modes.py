@@ -51,7 +51,9 @@ class RolloutSampler:
         max_vocab_padding: how many rows the teacher's and student's output layers may differ by (padding).
         cache_implementation: "dynamic" (default), "static" (preallocated, fixed shapes) or "cuda_graph" (static
             cache + the decode steps replayed as CUDA graphs, CUDA only);
-            compile_step: wrap the decode step in torch.compile (CUDA + static cache only).
+            compile_step: wrap the decode step in torch.compile (CUDA + static cache only). graph_sampling: with
+            "cuda_graph", also capture sampling and bookkeeping, one replay per step (decoding modes; SKD keeps its
+            eager verification); not yet measured on a GPU.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class RolloutSampler:
         max_vocab_padding: int = 256,
         cache_implementation: str = "dynamic",
         compile_step: bool = False,
+        graph_sampling: bool = False,
     ):
         if mode not in SAMPLING_MODES:
             raise ValueError(f"unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}")
@@ -114,6 +117,11 @@ class RolloutSampler:
         self.max_vocab_padding = max_vocab_padding
         self.cache_implementation = cache_implementation
         self.compile_step = compile_step
+        if graph_sampling and cache_implementation != "cuda_graph":
+            raise ValueError(
+                f"graph_sampling=True needs cache_implementation='cuda_graph', got {cache_implementation!r}"
+            )
+        self.graph_sampling = graph_sampling
 
     def rollout(
         self,
@@ -223,6 +231,7 @@ class RolloutSampler:
                 vocab_size=self.vocab_size,
                 cache_implementation=self.cache_implementation,
                 compile_step=self.compile_step,
+                graph_sampling=self.graph_sampling,
             )
         source = torch.full_like(out.tokens, src, dtype=torch.int8)
         return out.tokens, out.completion_mask, source, out.forward_passes

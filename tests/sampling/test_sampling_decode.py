@@ -26,6 +26,9 @@ def model():
         dict(temperature=1.0, cache_implementation="static"),  # preallocated fixed-shape cache
         # static buffers + the graph's step function (on a CPU it runs uncaptured: the bookkeeping is checked here)
         dict(temperature=1.0, cache_implementation="cuda_graph"),
+        # ... and the whole step (sampling and bookkeeping too) as one graph
+        dict(temperature=0.7, top_p=0.9, cache_implementation="cuda_graph", graph_sampling=True),
+        dict(temperature=0.0, cache_implementation="cuda_graph", graph_sampling=True),
         dict(temperature=1.0, check_every=1),  # the all-finished check every step stops at the same tokens
     ],
 )
@@ -128,9 +131,11 @@ def test_graph_buckets_are_reused_across_prompt_widths_and_models(model):
             seeds = draw_row_seeds(len(lengths), torch.Generator().manual_seed(seed))
             options = dict(stream=STREAM_STUDENT, max_new_tokens=NEW, eos_token_id=EOS)
             plain = decode(m, ids, mask, seeds, **options)
-            graphed = decode(m, ids, mask, seeds, cache_implementation="cuda_graph", **options)
-            assert torch.equal(graphed.tokens, plain.tokens)
-            assert torch.equal(graphed.completion_mask, plain.completion_mask)
+            for whole_step in (False, True):
+                graphed = decode(m, ids, mask, seeds, cache_implementation="cuda_graph", graph_sampling=whole_step,
+                                 **options)  # fmt: skip
+                assert torch.equal(graphed.tokens, plain.tokens)
+                assert torch.equal(graphed.completion_mask, plain.completion_mask)
         # prompt widths 7, 9, 4 + 20 new tokens all round up to a 64-column cache: one bucket
         assert len(_POOLS[m].buckets) == 1
         release_graphs(m)
@@ -185,10 +190,13 @@ def test_cuda_graph_decode_matches_static_on_cuda():
         seeds = draw_row_seeds(len(lengths), torch.Generator().manual_seed(seed)).cuda()
         options = dict(stream=STREAM_STUDENT, max_new_tokens=NEW, eos_token_id=EOS)
         static = decode(model, ids, mask, seeds, cache_implementation="static", **options)
-        graphed = decode(model, ids, mask, seeds, cache_implementation="cuda_graph", **options)
-        assert torch.equal(graphed.tokens, static.tokens)
-        assert torch.equal(graphed.completion_mask, static.completion_mask)
+        for whole_step in (False, True):
+            graphed = decode(model, ids, mask, seeds, cache_implementation="cuda_graph", graph_sampling=whole_step,
+                             **options)  # fmt: skip
+            assert torch.equal(graphed.tokens, static.tokens)
+            assert torch.equal(graphed.completion_mask, static.completion_mask)
     assert all(b.graph is not None for b in _POOLS[model].buckets.values())
+    assert all(s.graph is not None for b in _POOLS[model].buckets.values() for s in b.sampled_steps.values())
 
 
 @pytest.mark.gpu
@@ -206,3 +214,22 @@ def test_cuda_graph_speculative_matches_static_on_cuda():
         assert torch.equal(graphed.sequences, static.sequences)
         assert torch.equal(graphed.token_source, static.token_source)
         assert 0.2 < graphed.stats["acceptance_rate"] < 0.8
+
+
+def test_whole_graph_step_has_no_host_sync(model):
+    """Sampling + bookkeeping + forward (graphs.SampledStep) traced with torch.compile(fullgraph=True): any read of
+    a device value on the host would be a graph break and raise, and a CUDA graph could not capture it."""
+    from rlkd_onpolicy.sampling.graphs import _POOLS, release_graphs
+
+    release_graphs(model)
+    ids, mask = ragged_prompts([5, 2, 7], seed=1)
+    seeds = draw_row_seeds(3, torch.Generator().manual_seed(0))
+    decode(model, ids, mask, seeds, stream=STREAM_STUDENT, max_new_tokens=4, temperature=0.8, top_p=0.9,
+           eos_token_id=EOS, cache_implementation="cuda_graph", graph_sampling=True)  # fmt: skip
+    (sampled,) = next(iter(_POOLS[model].buckets.values())).sampled_steps.values()
+    before = int(sampled.step_index)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(sampled._run, fullgraph=True, backend="eager")(model)
+    assert int(sampled.step_index) == before + 1
+    release_graphs(model)

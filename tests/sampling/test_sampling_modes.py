@@ -175,6 +175,7 @@ def test_models_keep_their_training_mode(models):
         ("on_policy", dict(top_p=1.5), "top_p"),
         ("on_policy", dict(compile_step=True), "compile_step"),  # CUDA + static cache only
         ("on_policy", dict(cache_implementation="paged"), "cache_implementation"),
+        ("on_policy", dict(graph_sampling=True), "graph_sampling=True needs cache_implementation"),
     ],
 )
 def test_bad_configuration_raises(models, mode, kwargs, message):
