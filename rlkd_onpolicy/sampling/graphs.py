@@ -226,7 +226,7 @@ class SampledStep:
 class GraphPool:
     """Buckets of one model, least recently used dropped beyond `max_buckets` (each holds a KV cache)."""
 
-    def __init__(self, model: torch.nn.Module, max_buckets: int = 8):
+    def __init__(self, model: torch.nn.Module, max_buckets: int = 4):
         self.model_ref = weakref.ref(model)
         self.max_buckets = max_buckets
         self.buckets: OrderedDict[tuple, GraphBucket] = OrderedDict()
