@@ -29,7 +29,11 @@ lint: install
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Pure-Python wheels a GPU session carries to the device machine (Liger-Kernel, the loss benchmark's baseline; the
-# image has torch, triton, transformers and pytest): see benchmarks/gpu_session.sh
+# Pure-Python wheels a GPU session carries to the device machine (its image has torch, triton, transformers,
+# accelerate and pytest): Liger-Kernel (the loss benchmark's baseline), datasets and trl (benchmarks/trainer_step.py).
+# See benchmarks/gpu_session.sh.
 gpu-wheels:
-	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .gpu_wheels liger-kernel==0.8.5
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .gpu_wheels liger-kernel==0.8.5 datasets==5.2.0 \
+		trl==1.16.0 dill==0.4.1
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 -d .gpu_wheels \
+		multiprocess==0.70.19
