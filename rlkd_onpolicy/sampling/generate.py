@@ -222,6 +222,8 @@ def decode(
     # bucket the static cache length so that varying prompt lengths reuse a handful of shapes
     cache_len = total if cache_implementation == "dynamic" else -(-total // 64) * 64
     check_compile(compile_step, cache_implementation, device)
+    if graph_sampling and cache_implementation != "cuda_graph":
+        raise ValueError(f"graph_sampling=True needs cache_implementation='cuda_graph', got {cache_implementation!r}")
     bucket = None
     if cache_implementation == "cuda_graph":
         check_graphable(model)
@@ -238,8 +240,6 @@ def decode(
     passes = 1
     next_pos = attention_mask.long().sum(-1, keepdim=True)  # (B, 1) position of the next token per row
     if graph_sampling:
-        if bucket is None:
-            raise ValueError("graph_sampling=True needs cache_implementation='cuda_graph'")
         return _decode_sampled(model, bucket, logits, row_seeds, next_pos, eos, stream=stream,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                pad_token_id=pad_token_id, vocab_size=vocab_size, check_every=check_every)  # fmt: skip

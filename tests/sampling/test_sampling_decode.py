@@ -233,3 +233,13 @@ def test_whole_graph_step_has_no_host_sync(model):
         torch.compile(sampled._run, fullgraph=True, backend="eager")(model)
     assert int(sampled.step_index) == before + 1
     release_graphs(model)
+
+
+def test_graph_sampling_without_cuda_graph_fails_before_any_forward(model):
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    ids, mask = ragged_prompts([3, 2], seed=1)
+    with pytest.raises(ValueError, match="graph_sampling=True needs cache_implementation='cuda_graph'"):
+        decode(model, ids, mask, draw_row_seeds(2), stream=STREAM_STUDENT, max_new_tokens=4, graph_sampling=True)
+    handle.remove()
+    assert calls == []
