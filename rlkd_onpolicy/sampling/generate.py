@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, StaticCache
 
-from .graphs import check_graphable, graph_bucket  # noqa: F401 (check_graphable is re-exported to modes.py)
+from .graphs import check_graphable, graph_bucket
 from .rng import row_uniforms
 from .rollout import first_eos_mask
 from .warping import sample_from_logits

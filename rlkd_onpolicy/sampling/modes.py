@@ -17,7 +17,6 @@ import torch
 from .generate import (
     CACHE_IMPLEMENTATIONS,
     check_compile,
-    check_graphable,
     check_prompt,
     check_sampling,
     decode,
@@ -27,6 +26,7 @@ from .generate import (
     resolve_pad,
     shared_vocab_size,
 )
+from .graphs import check_graphable
 from .rng import STREAM_STUDENT, STREAM_TEACHER, draw_row_seeds
 from .rollout import SOURCE_DATA, SOURCE_STUDENT, SOURCE_TEACHER, Rollout, assemble_rollout
 from .speculative import check_speculative, speculative_generate
