@@ -68,6 +68,10 @@ class ExampleConfig:
     # student
     student: str | None = field(default=None, metadata={"help": "Student model (same tokenizer); default: cut."})
     student_layers: int = field(default=6, metadata={"help": "Teacher layers kept in the student (evenly spaced)."})
+    student_sft_steps: int = field(
+        default=0, metadata={"help": "SFT steps of the student before distillation (GKD's recipe; 0: the cut as is)."}
+    )
+    student_lr: float = field(default=2e-4, metadata={"help": "Student SFT learning rate."})
     # distillation
     sampling_modes: list[str] = field(
         default_factory=lambda: ["on_policy"],
@@ -90,7 +94,7 @@ class ExampleConfig:
     skip_distill: bool = field(default=False, metadata={"help": "Stop after evaluating the student before KD."})
 
     def __post_init__(self):
-        for name in ("teacher_sft_steps", "distill_steps"):
+        for name in ("teacher_sft_steps", "student_sft_steps", "distill_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
         for name in ("sft_batch_size", "batch_size", "max_length", "rank_k", "max_new_tokens", "student_layers",
@@ -107,6 +111,9 @@ class ExampleConfig:
             raise ValueError("sampling_modes, rank_weights and seeds each need at least one value.")
         if any(w < 0 for w in self.rank_weights):
             raise ValueError(f"rank_weights={self.rank_weights} must be >= 0.")
+        for name in ("teacher_lr", "student_lr", "distill_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0.")
 
     def teacher_key(self) -> str:
         """Hash of every setting that changes the fine-tuned teacher (so a cached teacher is reused only if equal)."""
@@ -220,31 +227,33 @@ def as_dataset(pairs: list[dict], cfg: ExampleConfig):
 
 
 # --------------------------------------------------------------------------------------------------------- teacher
-def teacher_sft(model, tokenizer, train, cfg: ExampleConfig, output_dir: Path, callbacks=()) -> dict:
-    """Supervised fine-tuning of the teacher on the reference translations (loss on the completion only)."""
+def sft(model, tokenizer, train, cfg: ExampleConfig, output_dir: Path, *, steps: int, lr: float,
+        callbacks=()) -> dict:  # fmt: skip
+    """Supervised fine-tuning on the reference translations (loss on the completion only): the teacher, and the
+    student before distillation when `student_sft_steps` > 0."""
     import torch
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
         output_dir=str(output_dir / "sft-run"),
-        max_steps=cfg.teacher_sft_steps,
+        max_steps=steps,
         per_device_train_batch_size=cfg.sft_batch_size,
-        learning_rate=cfg.teacher_lr,
+        learning_rate=lr,
         lr_scheduler_type="cosine",
-        warmup_steps=max(cfg.teacher_sft_steps // 20, 1),
+        warmup_steps=max(steps // 20, 1),
         max_length=cfg.max_length,
         completion_only_loss=True,
         gradient_checkpointing=False,  # SFTConfig turns it on; on a CPU it only costs time
         bf16=False,
         use_cpu=not torch.cuda.is_available(),
-        logging_steps=max(cfg.teacher_sft_steps // 20, 1),
+        logging_steps=max(steps // 20, 1),
         save_strategy="no",
         report_to="none",
         seed=cfg.seeds[0],
         disable_tqdm=False,
     )
     # One epoch's worth of distinct pairs, spread over every book: tokenising the other ~20k would only cost time.
-    dataset = as_dataset(evenly_spaced(train, cfg.teacher_sft_steps * cfg.sft_batch_size), cfg)
+    dataset = as_dataset(evenly_spaced(train, steps * cfg.sft_batch_size), cfg)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks)
     )
@@ -252,7 +261,7 @@ def teacher_sft(model, tokenizer, train, cfg: ExampleConfig, output_dir: Path, c
     trainer.train()
     seconds = time.perf_counter() - start
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    return {"seconds": seconds, "seconds_per_step": seconds / max(cfg.teacher_sft_steps, 1), "loss": losses}
+    return {"seconds": seconds, "seconds_per_step": seconds / max(steps, 1), "loss": losses}
 
 
 def get_teacher(cfg: ExampleConfig, train: list[dict]):
@@ -270,7 +279,7 @@ def get_teacher(cfg: ExampleConfig, train: list[dict]):
         return model, tokenizer, json.loads(info_file.read_text()) | {"cached": True}
     model, tokenizer = load_model_and_tokenizer(cfg.teacher)
     print(f"[teacher] first run: fine-tuning {cfg.teacher} for {cfg.teacher_sft_steps} steps (saved to {folder})")
-    info = teacher_sft(model, tokenizer, train, cfg, folder)
+    info = sft(model, tokenizer, train, cfg, folder, steps=cfg.teacher_sft_steps, lr=cfg.teacher_lr)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     info_file.write_text(json.dumps(info | {"settings": dataclasses.asdict(cfg)}, indent=1))
@@ -451,13 +460,22 @@ def main(argv: list[str] | None = None) -> dict:
     student_base.to(device)
     n_params = sum(p.numel() for p in student_base.parameters())
     print(f"[student] {n_params / 1e6:.1f}M parameters, {student_base.config.num_hidden_layers} layers")
+    student_sft_info = None
+    if cfg.student_sft_steps:
+        print(f"[student] fine-tuning the student for {cfg.student_sft_steps} steps before distillation")
+        student_sft_info = sft(student_base, tokenizer, data["train"], cfg, output, steps=cfg.student_sft_steps,
+                               lr=cfg.student_lr)  # fmt: skip
+        student_base.eval()
 
-    rows, results, curves = {}, {"config": dataclasses.asdict(cfg), "teacher_sft": sft_info}, {}
+    rows, curves = {}, {}
+    results = {"config": dataclasses.asdict(cfg), "teacher_sft": sft_info, "student_sft": student_sft_info}
     teacher_name = "teacher (SFT)" if cfg.teacher_sft_steps else "teacher"
     print("[eval] teacher")
     rows[teacher_name] = evaluate(teacher, tokenizer, data["test"], cfg) | {"train_seconds": sft_info.get("seconds")}
     print("[eval] student before distillation")
     rows["student before"] = evaluate(student_base, tokenizer, data["test"], cfg, teacher=teacher)
+    if student_sft_info is not None:  # the "train s" of this row is the student's SFT
+        rows["student before"]["train_seconds"] = student_sft_info["seconds"]
 
     if not cfg.skip_distill:
         train = as_dataset(data["train"], cfg)

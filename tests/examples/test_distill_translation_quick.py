@@ -17,7 +17,7 @@ def test_quick_preset_distils_the_student_towards_the_teacher(tmp_path):
     out, artifacts = tmp_path / "run", tmp_path / "artifacts"
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "distill_translation.py"), "--quick",
-         "--output-dir", str(out), "--artifacts-dir", str(artifacts)],
+         "--output-dir", str(out), "--artifacts-dir", str(artifacts), "--student-sft-steps", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -34,3 +34,7 @@ def test_quick_preset_distils_the_student_towards_the_teacher(tmp_path):
     assert (out / "results.md").read_text().count("|") > 20
     assert (out / "curves.png").stat().st_size > 1000
     assert any(artifacts.iterdir())  # the fine-tuned teacher is kept for the next run
+    # the student was fine-tuned before distillation (GKD's recipe): two logged, finite SFT losses
+    student_sft = results["student_sft"]
+    assert [step for step, _ in student_sft["loss"]] == [1, 2], student_sft["loss"]
+    assert all(math.isfinite(loss) for _, loss in student_sft["loss"])
