@@ -75,7 +75,8 @@ class ExampleConfig:
     # distillation
     sampling_modes: list[str] = field(
         default_factory=lambda: ["on_policy"],
-        metadata={"help": "RLKDConfig sampling modes: off_policy, seq_kd, on_policy, mixed, speculative."},
+        metadata={"help": "RLKDConfig sampling modes: off_policy, seq_kd, on_policy, mixed, speculative; and 'sft', "
+                          "the baseline without a teacher (the same steps of SFT on the references)."},
     )
     loss: str = field(default="fkl", metadata={"help": "KD divergence of RLKDConfig: fkl, rkl, jsd, tvd, skl, ..."})
     rank_weights: list[float] = field(default_factory=lambda: [0.0, 2.0], metadata={"help": "RLKD rank weights."})
@@ -228,18 +229,19 @@ def as_dataset(pairs: list[dict], cfg: ExampleConfig):
 
 # --------------------------------------------------------------------------------------------------------- teacher
 def sft(model, tokenizer, train, cfg: ExampleConfig, output_dir: Path, *, steps: int, lr: float,
+        schedule: str = "cosine", batch_size: int | None = None, seed: int | None = None,
         callbacks=()) -> dict:  # fmt: skip
-    """Supervised fine-tuning on the reference translations (loss on the completion only): the teacher, and the
-    student before distillation when `student_sft_steps` > 0."""
+    """Supervised fine-tuning on the reference translations (loss on the completion only): the teacher, the student
+    before distillation when `student_sft_steps` > 0, and the 'sft' baseline row (no teacher)."""
     import torch
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
         output_dir=str(output_dir / "sft-run"),
         max_steps=steps,
-        per_device_train_batch_size=cfg.sft_batch_size,
+        per_device_train_batch_size=batch_size or cfg.sft_batch_size,
         learning_rate=lr,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=schedule,
         warmup_steps=max(steps // 20, 1),
         max_length=cfg.max_length,
         completion_only_loss=True,
@@ -249,11 +251,11 @@ def sft(model, tokenizer, train, cfg: ExampleConfig, output_dir: Path, *, steps:
         logging_steps=max(steps // 20, 1),
         save_strategy="no",
         report_to="none",
-        seed=cfg.seeds[0],
+        seed=cfg.seeds[0] if seed is None else seed,
         disable_tqdm=False,
     )
     # One epoch's worth of distinct pairs, spread over every book: tokenising the other ~20k would only cost time.
-    dataset = as_dataset(evenly_spaced(train, steps * cfg.sft_batch_size), cfg)
+    dataset = as_dataset(evenly_spaced(train, steps * args.per_device_train_batch_size), cfg)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks)
     )
@@ -334,10 +336,15 @@ def distill(student, teacher, tokenizer, train, args: ExampleConfig, *, sampling
             seed: int, output_dir: Path, callbacks=()) -> list[dict]:  # fmt: skip
     """Distil `teacher` into `student` (in place) with RLKDTrainer on the prompt–completion dataset `train`.
 
-    Returns the trainer's log history (a dict per logging step, with "loss").
+    `sampling_mode="sft"` trains on the references without the teacher instead (the baseline row); `train` is then
+    the list of pairs. Returns the trainer's log history (a dict per logging step, with "loss").
     """
     from rlkd_onpolicy import RLKDTrainer
 
+    if sampling_mode == SFT_BASELINE:  # no teacher: the distillation run's steps, batch and lr spent on plain SFT
+        info = sft(student, tokenizer, train, args, output_dir, steps=args.distill_steps, lr=args.distill_lr,
+                   schedule="constant", batch_size=args.batch_size, seed=seed, callbacks=callbacks)  # fmt: skip
+        return [{"step": step, "loss": loss} for step, loss in info["loss"]]
     config = rlkd_config(args, sampling_mode=sampling_mode, rank_weight=rank_weight, seed=seed, output_dir=output_dir)
     trainer = RLKDTrainer(
         model=student, teacher_model=teacher, args=config, train_dataset=train, processing_class=tokenizer,
@@ -345,6 +352,20 @@ def distill(student, teacher, tokenizer, train, args: ExampleConfig, *, sampling
     )  # fmt: skip
     trainer.train()
     return trainer.state.log_history
+
+
+SFT_BASELINE = "sft"  # the pseudo sampling mode of the baseline: supervised fine-tuning, no teacher
+
+
+def method_names(cfg: ExampleConfig) -> list[tuple[str, str, float]]:
+    """(row name, sampling mode, rank weight) of every requested method; the SFT baseline has no rank weight."""
+    methods = []
+    for mode in cfg.sampling_modes:
+        if mode == SFT_BASELINE:
+            methods.append(("sft baseline (no teacher)", mode, 0.0))
+            continue
+        methods += [(f"{mode} {cfg.loss} rank={weight:g}", mode, weight) for weight in cfg.rank_weights]
+    return methods
 
 
 def check_distillation_available() -> None:
@@ -438,8 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     if not cfg.skip_distill:
         check_distillation_available()
-        for mode in cfg.sampling_modes:
-            for weight in cfg.rank_weights:
+        for _, mode, weight in method_names(cfg):
+            if mode != SFT_BASELINE:
                 rlkd_config(cfg, sampling_mode=mode, rank_weight=weight, seed=cfg.seeds[0], output_dir=output)
     data = load_data(cfg)
     print(f"[data] {cfg.dataset} {cfg.src}→{cfg.tgt}: train {len(data['train'])}, dev {len(data['dev'])}, "
@@ -479,28 +500,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not cfg.skip_distill:
         train = as_dataset(data["train"], cfg)
-        for mode in cfg.sampling_modes:
-            for weight in cfg.rank_weights:
-                name = f"{mode} {cfg.loss} rank={weight:g}"
-                runs = []
-                for seed in cfg.seeds:
-                    print(f"[distill] {name} seed {seed}")
-                    torch.manual_seed(seed)
-                    student = copy.deepcopy(student_base)
-                    dev_points: list[dict] = []
-                    callback = make_curve_callback(teacher, tokenizer, data["dev"], cfg, dev_points)
-                    t0 = time.perf_counter()
-                    history = distill(student, teacher, tokenizer, train, cfg, sampling_mode=mode, rank_weight=weight,
-                                      seed=seed, output_dir=output / "checkpoints", callbacks=[callback])  # fmt: skip
-                    seconds = time.perf_counter() - t0
-                    run = evaluate(student, tokenizer, data["test"], cfg, teacher=teacher) | {"train_seconds": seconds}
-                    runs.append(run | {"seed": seed})
-                    if seed == cfg.seeds[0]:
-                        loss = [(h["step"], h["loss"]) for h in history if "loss" in h]
-                        curves[name] = {"loss": loss, "dev": dev_points}
-                rows[name] = summarise(runs) if len(runs) > 1 else runs[0]
-                results.setdefault("runs", {})[name] = runs
-                write_results(output, rows, results | {"curves": curves, "partial": True})  # a long run keeps its rows
+        for name, mode, weight in method_names(cfg):
+            runs = []
+            for seed in cfg.seeds:
+                print(f"[distill] {name} seed {seed}")
+                torch.manual_seed(seed)
+                student = copy.deepcopy(student_base)
+                dev_points: list[dict] = []
+                callback = make_curve_callback(teacher, tokenizer, data["dev"], cfg, dev_points)
+                t0 = time.perf_counter()
+                history = distill(student, teacher, tokenizer, data["train"] if mode == SFT_BASELINE else train, cfg,
+                                  sampling_mode=mode, rank_weight=weight, seed=seed,
+                                  output_dir=output / "checkpoints", callbacks=[callback])  # fmt: skip
+                seconds = time.perf_counter() - t0
+                run = evaluate(student.eval(), tokenizer, data["test"], cfg, teacher=teacher)
+                runs.append(run | {"train_seconds": seconds, "seed": seed})
+                if seed == cfg.seeds[0]:
+                    loss = [(h["step"], h["loss"]) for h in history if "loss" in h]
+                    curves[name] = {"loss": loss, "dev": dev_points}
+            rows[name] = summarise(runs) if len(runs) > 1 else runs[0]
+            results.setdefault("runs", {})[name] = runs
+            write_results(output, rows, results | {"curves": curves, "partial": True})  # a long run keeps its rows
         plot_curves(curves, output / "curves.png")
 
     results |= {"curves": curves, "total_seconds": time.perf_counter() - start}

@@ -17,20 +17,26 @@ def test_quick_preset_distils_the_student_towards_the_teacher(tmp_path):
     out, artifacts = tmp_path / "run", tmp_path / "artifacts"
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "distill_translation.py"), "--quick",
-         "--output-dir", str(out), "--artifacts-dir", str(artifacts), "--student-sft-steps", "2"],
+         "--output-dir", str(out), "--artifacts-dir", str(artifacts), "--student-sft-steps", "2",
+         "--sampling-mode", "on_policy", "sft"],
         cwd=ROOT, capture_output=True, text=True, timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
     before = rows["student before"]
-    after = [row for name, row in rows.items() if name not in ("student before",) and not name.startswith("teacher")]
+    baseline = rows["sft baseline (no teacher)"]
+    after = [row for name, row in rows.items()
+             if name not in ("student before", "sft baseline (no teacher)") and not name.startswith("teacher")]
     assert after, f"no distilled student in {list(rows)}"
-    for row in [before, *after, rows[next(n for n in rows if n.startswith("teacher"))]]:
+    # on_policy with rank weights 0 and 2 (the preset's), and the SFT baseline without a teacher
+    assert {"on_policy fkl rank=0", "on_policy fkl rank=2", "sft baseline (no teacher)"} <= set(rows), list(rows)
+    for row in [before, baseline, *after, rows[next(n for n in rows if n.startswith("teacher"))]]:
         assert isinstance(row["bleu"], float) and 0.0 <= row["bleu"] <= 100.0
         assert isinstance(row["chrf"], float) and 0.0 <= row["chrf"] <= 100.0
     for row in after:
         assert math.isfinite(row["kl"]) and row["kl"] < before["kl"], (row["kl"], before["kl"])
+    assert math.isfinite(baseline["kl"])
     assert (out / "results.md").read_text().count("|") > 20
     assert (out / "curves.png").stat().st_size > 1000
     assert any(artifacts.iterdir())  # the fine-tuned teacher is kept for the next run
