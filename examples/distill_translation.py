@@ -123,6 +123,12 @@ class ExampleConfig:
         settings = {k: getattr(self, k) for k in keys} | {"seed": self.seeds[0]}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
+    def student_key(self) -> str:
+        """Hash of the teacher's settings and every setting that changes the fine-tuned student."""
+        settings = {k: getattr(self, k) for k in ("student", "student_layers", "student_sft_steps", "student_lr")}
+        settings["teacher"] = self.teacher_key()
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
 
 # Presets: `--quick` runs the whole pipeline in ~5 minutes on 2 CPU cores (measured: 302 s, cores shared); the
 # defaults are sized for ~60 minutes there on a first run (teacher SFT ~35 min at ~8 s/step, then cached), an estimate
@@ -274,14 +280,23 @@ def get_teacher(cfg: ExampleConfig, train: list[dict]):
         model, tokenizer = load_model_and_tokenizer(cfg.teacher)
         return model, tokenizer, {"cached": False, "seconds": 0.0}
     folder = Path(cfg.artifacts_dir) / f"teacher-{cfg.teacher_key()}"
+    return cached_sft("teacher", folder, lambda: load_model_and_tokenizer(cfg.teacher), train, cfg,
+                      steps=cfg.teacher_sft_steps, lr=cfg.teacher_lr)  # fmt: skip
+
+
+def cached_sft(role: str, folder: Path, make, train: list[dict], cfg: ExampleConfig, *, steps: int, lr: float):
+    """(model, tokenizer, info): loaded from `folder` when an earlier run with the same settings fine-tuned it
+    there, else `make()`'s (model, tokenizer) fine-tuned for `steps` and saved in `folder` (sft.json last)."""
+    from rlkd_onpolicy.models import load_model_and_tokenizer
+
     info_file = folder / "sft.json"
     if info_file.is_file():
-        print(f"[teacher] loading the fine-tuned teacher from {folder}")
+        print(f"[{role}] loading the fine-tuned {role} from {folder}")
         model, tokenizer = load_model_and_tokenizer(str(folder.resolve()))
         return model, tokenizer, json.loads(info_file.read_text()) | {"cached": True}
-    model, tokenizer = load_model_and_tokenizer(cfg.teacher)
-    print(f"[teacher] first run: fine-tuning {cfg.teacher} for {cfg.teacher_sft_steps} steps (saved to {folder})")
-    info = sft(model, tokenizer, train, cfg, folder, steps=cfg.teacher_sft_steps, lr=cfg.teacher_lr)
+    model, tokenizer = make()
+    print(f"[{role}] first run: fine-tuning the {role} for {steps} steps (saved to {folder})")
+    info = sft(model, tokenizer, train, cfg, folder, steps=steps, lr=lr)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     info_file.write_text(json.dumps(info | {"settings": dataclasses.asdict(cfg)}, indent=1))
@@ -478,15 +493,16 @@ def main(argv: list[str] | None = None) -> dict:
             f"--student {cfg.student} has vocab_size {student_base.config.vocab_size}, the teacher "
             f"{teacher.config.vocab_size}; distillation here needs the teacher's tokenizer."
         )
-    student_base.to(device)
+    student_sft_info = None
+    if cfg.student_sft_steps:  # GKD's recipe: distil a supervised student, cached like the teacher
+        folder = Path(cfg.artifacts_dir) / f"student-{cfg.student_key()}"
+        student_base, _, student_sft_info = cached_sft(
+            "student", folder, lambda: (student_base, tokenizer), data["train"], cfg,
+            steps=cfg.student_sft_steps, lr=cfg.student_lr,
+        )  # fmt: skip
+    student_base.to(device).eval()
     n_params = sum(p.numel() for p in student_base.parameters())
     print(f"[student] {n_params / 1e6:.1f}M parameters, {student_base.config.num_hidden_layers} layers")
-    student_sft_info = None
-    if cfg.student_sft_steps:
-        print(f"[student] fine-tuning the student for {cfg.student_sft_steps} steps before distillation")
-        student_sft_info = sft(student_base, tokenizer, data["train"], cfg, output, steps=cfg.student_sft_steps,
-                               lr=cfg.student_lr)  # fmt: skip
-        student_base.eval()
 
     rows, curves = {}, {}
     results = {"config": dataclasses.asdict(cfg), "teacher_sft": sft_info, "student_sft": student_sft_info}
@@ -495,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows[teacher_name] = evaluate(teacher, tokenizer, data["test"], cfg) | {"train_seconds": sft_info.get("seconds")}
     print("[eval] student before distillation")
     rows["student before"] = evaluate(student_base, tokenizer, data["test"], cfg, teacher=teacher)
-    if student_sft_info is not None:  # the "train s" of this row is the student's SFT
+    if student_sft_info is not None:  # the "train s" of this row is the student's SFT (from the run that made it)
         rows["student before"]["train_seconds"] = student_sft_info["seconds"]
 
     if not cfg.skip_distill:
