@@ -3,7 +3,7 @@
 Run (after `make install`; everything is read from installed packages, nothing is downloaded):
 
     .venv/bin/python examples/distill_translation.py --quick                 # ~5 min on 2 idle CPU cores
-    .venv/bin/python examples/distill_translation.py                         # default preset, ~60 min on 2 CPU cores
+    .venv/bin/python examples/distill_translation.py                         # default preset, 52 min on 2 CPU cores
     .venv/bin/python examples/distill_translation.py --quick --skip-distill  # data, teacher, student, eval only
     .venv/bin/python examples/distill_translation.py --compare               # modes x rank weights x 3 seeds
     .venv/bin/python examples/distill_translation.py --config my.yaml --src en --tgt es --rank-weight 0 2
@@ -131,8 +131,8 @@ class ExampleConfig:
 
 
 # Presets: `--quick` runs the whole pipeline in ~5 minutes on 2 CPU cores (measured: 302 s, cores shared); the
-# defaults are sized for ~60 minutes there on a first run (teacher SFT ~35 min at ~8 s/step, then cached), an estimate
-# from the measured step times, not yet a measured run. Measurements: docs/example_translation.md.
+# defaults took 52 min there as `make demo` on a fresh clone (teacher SFT 32 min, then cached; a later run is the
+# other ~19 min). Measurements: docs/example_translation.md.
 QUICK = dict(
     train_limit=512, test_limit=16, dev_limit=8, max_chars=120, teacher_sft_steps=12, distill_steps=8,
     batch_size=4, max_new_tokens=32, curve_every=4, eval_max_new_tokens=48, max_length=160, max_prompt_length=96,
@@ -268,6 +268,10 @@ def sft(model, tokenizer, train, cfg: ExampleConfig, output_dir: Path, *, steps:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    # SFTTrainer replaces `model.forward` by a fused-LM-head wrapper that closes over this object's original forward,
+    # and leaves it there: a deep copy of the model (one per distillation run) would then run, and train, this
+    # object's weights instead of its own. Drop the instance attribute so the class's forward is used again.
+    model.__dict__.pop("forward", None)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     return {"seconds": seconds, "seconds_per_step": seconds / max(steps, 1), "loss": losses}
 

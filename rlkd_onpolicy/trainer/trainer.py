@@ -29,6 +29,7 @@ from rlkd_onpolicy.data.prompt_completion import (
 from rlkd_onpolicy.kernels import fused_topk_loss
 from rlkd_onpolicy.losses import DistillationLoss, distillation_loss, teacher_topk
 from rlkd_onpolicy.metrics import topk_agreement, topk_overlap_from_ids, topk_overlap_metrics
+from rlkd_onpolicy.models import check_own_forward
 from rlkd_onpolicy.sampling import SOURCE_TEACHER, Rollout, RolloutSampler
 from rlkd_onpolicy.sampling.generate import model_device, output_vocab_size
 from rlkd_onpolicy.sampling.graphs import graphable
@@ -153,6 +154,9 @@ class RLKDTrainer(Trainer):
         model = _load_model(model, args.model_init_kwargs, "model")
         teacher = None if teacher_model is None else _load_model(teacher_model, args.teacher_model_init_kwargs,
                                                                   "teacher_model")
+        check_own_forward(model, "model")
+        if teacher is not None:
+            check_own_forward(teacher, "teacher_model")
         self.vocab_size = check_vocabularies(model, teacher, tokenizer)
         if self.teacher_cache is not None and self.teacher_cache.header.vocab_size < self.vocab_size:
             raise ValueError(
