@@ -399,7 +399,8 @@ def check_distillation_available() -> None:
 # ------------------------------------------------------------------------------------------------------ evaluation
 # (result key, column title, scale, decimals): CR@k and MOR@k are fractions, shown in percent as in the RLKD paper.
 COLUMNS = [("bleu", "BLEU", 1, 1), ("chrf", "chrF", 1, 1), ("cr@1", "CR@1 %", 100, 1), ("cr@2", "CR@2 %", 100, 1),
-           ("mor@5", "MOR@5 %", 100, 1), ("kl", "KL(t‖s)", 1, 3), ("train_seconds", "train s", 1, 0)]  # fmt: skip
+           ("mor@5", "MOR@5 %", 100, 1), ("kl", "KL(t‖s)", 1, 3), ("kl_own", "KL own", 1, 3),
+           ("train_seconds", "train s", 1, 0)]  # fmt: skip
 
 
 def evaluate(model, tokenizer, test, cfg: ExampleConfig, teacher=None) -> dict:

@@ -201,7 +201,9 @@ def evaluate_translation(
     progress: bool = False,
 ) -> dict:
     """BLEU and chrF of greedy translations against `pairs[i]["tgt"]`, plus, with a `teacher`, the teacher-forced
-    KL(teacher ‖ model) and top-k agreement on the references. Also returns the hypotheses and the seconds taken."""
+    KL(teacher ‖ model) and top-k agreement on the references, and `kl_own`: the same KL on the model's own greedy
+    translations (the on-policy view: the references are off-policy data, which favours off-policy training). Also
+    returns the hypotheses and the seconds taken."""
     start = time.perf_counter()
     hypotheses = generate_translations(
         model, tokenizer, pairs, src, tgt, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -215,6 +217,11 @@ def evaluate_translation(
                 conversational=conversational, progress=progress,
             )  # fmt: skip
         )
+        own = [{**pair, "tgt": hypothesis} for pair, hypothesis in zip(pairs, hypotheses, strict=True)]
+        result["kl_own"] = teacher_forced_agreement(
+            model, teacher, tokenizer, own, src, tgt, batch_size=max(batch_size // 2, 1), ks=(1,),
+            conversational=conversational, progress=progress,
+        )["kl"]  # fmt: skip
     result["hypotheses"] = hypotheses
     result["eval_seconds"] = time.perf_counter() - start
     return result

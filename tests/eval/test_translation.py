@@ -69,6 +69,7 @@ def test_evaluate_translation_numbers_and_self_kl(tokenizer, pairs):
     assert math.isfinite(result["chrf"]) and 0.0 <= result["chrf"] <= 100.0
     assert len(result["hypotheses"]) == len(pairs)
     assert result["kl"] == pytest.approx(0.0, abs=1e-6)  # KL of a model to itself
+    assert result["kl_own"] == pytest.approx(0.0, abs=1e-6)  # also on its own translations
     assert result["tokens"] > len(pairs)  # every reference token (and EOS) counted
     for key in ("cr@1", "cr@10", "mor@5", "spearman@10"):  # rlkd_onpolicy.metrics: a model agrees with itself
         assert result[key] == pytest.approx(1.0)
@@ -90,3 +91,16 @@ def test_bad_inputs(tokenizer, pairs):
         generate_translations(tiny_model(0), tokenizer, [], "en", "fr")
     with pytest.raises(ValueError, match="batch_size=0"):
         generate_translations(tiny_model(0), tokenizer, pairs, "en", "fr", batch_size=0)
+
+
+def test_kl_own_is_the_kl_on_the_models_own_translations(tokenizer, pairs):
+    student, teacher = tiny_model(0), tiny_model(1)
+    result = evaluate_translation(student, tokenizer, pairs, "en", "fr", teacher=teacher, batch_size=4,
+                                  max_new_tokens=6)  # fmt: skip
+    own = [{**p, "tgt": h} for p, h in zip(pairs, result["hypotheses"], strict=True)]
+    expected = teacher_forced_agreement(student, teacher, tokenizer, own, "en", "fr", batch_size=2)["kl"]
+    assert result["kl_own"] == pytest.approx(expected, rel=1e-5)
+    assert result["kl_own"] > 0.0 and result["kl_own"] != pytest.approx(result["kl"])
+    # an empty translation still scores its end-of-turn token: finite, never NaN
+    empty = teacher_forced_agreement(student, teacher, tokenizer, [{**pairs[0], "tgt": ""}], "en", "fr")
+    assert empty["tokens"] >= 1 and math.isfinite(empty["kl"])

@@ -37,6 +37,8 @@ def test_quick_preset_distils_the_student_towards_the_teacher(tmp_path):
     for row in after:
         assert math.isfinite(row["kl"]) and row["kl"] < before["kl"], (row["kl"], before["kl"])
     assert math.isfinite(baseline["kl"])
+    # the KL on each student's own translations (the on-policy view) is reported too
+    assert all(math.isfinite(row["kl_own"]) and row["kl_own"] >= 0.0 for row in [before, baseline, *after])
     assert (out / "results.md").read_text().count("|") > 20
     assert (out / "curves.png").stat().st_size > 1000
     assert any(artifacts.iterdir())  # the fine-tuned teacher is kept for the next run
