@@ -58,6 +58,10 @@ class ExampleConfig:
     train_limit: int | None = field(default=None, metadata={"help": "Use this many training pairs (evenly spaced)."})
     test_limit: int | None = field(default=200, metadata={"help": "Evaluate on this many test pairs (evenly spaced)."})
     dev_limit: int = field(default=32, metadata={"help": "Dev pairs for the MOR@5 curve."})
+    instruction_role: str = field(
+        default="system", metadata={"help": "Where the prompt's instruction goes: 'system' (replaces the chat "
+                                            "template's 16-token default system prompt) or 'user'."},
+    )  # fmt: skip
     # teacher
     teacher: str = field(default="embedded:smollm2", metadata={"help": "Teacher: 'embedded:smollm2', path or hub."})
     teacher_sft_steps: int = field(default=250, metadata={"help": "SFT steps of the teacher on train (0: use as is)."})
@@ -106,6 +110,8 @@ class ExampleConfig:
         for name in ("max_chars", "train_limit", "test_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1 or null (no limit).")
+        if self.instruction_role not in ("system", "user"):
+            raise ValueError(f"instruction_role={self.instruction_role!r} must be 'system' or 'user'.")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length={self.max_prompt_length} must be < max_length={self.max_length}.")
         if not self.sampling_modes or not self.rank_weights or not self.seeds:
@@ -119,7 +125,7 @@ class ExampleConfig:
     def teacher_key(self) -> str:
         """Hash of every setting that changes the fine-tuned teacher (so a cached teacher is reused only if equal)."""
         keys = ("dataset", "dataset_config", "src", "tgt", "train_split", "max_chars", "train_limit", "teacher",
-                "teacher_sft_steps", "teacher_lr", "sft_batch_size", "max_length")  # fmt: skip
+                "teacher_sft_steps", "teacher_lr", "sft_batch_size", "max_length", "instruction_role")  # fmt: skip
         settings = {k: getattr(self, k) for k in keys} | {"seed": self.seeds[0]}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -230,7 +236,7 @@ def as_dataset(pairs: list[dict], cfg: ExampleConfig):
 
     from rlkd_onpolicy.data.parallel import to_prompt_completion
 
-    return Dataset.from_list(to_prompt_completion(pairs, cfg.src, cfg.tgt))
+    return Dataset.from_list(to_prompt_completion(pairs, cfg.src, cfg.tgt, instruction_role=cfg.instruction_role))
 
 
 # --------------------------------------------------------------------------------------------------------- teacher
@@ -317,7 +323,8 @@ def make_curve_callback(teacher, tokenizer, dev: list[dict], cfg: ExampleConfig,
     class Curve(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % cfg.curve_every == 0 or state.global_step == state.max_steps:
-                metrics = teacher_forced_agreement(model, teacher, tokenizer, dev, cfg.src, cfg.tgt, batch_size=8)
+                metrics = teacher_forced_agreement(model, teacher, tokenizer, dev, cfg.src, cfg.tgt, batch_size=8,
+                                                   instruction_role=cfg.instruction_role)  # fmt: skip
                 points.append({"step": state.global_step} | metrics)
 
     return Curve()
@@ -408,7 +415,7 @@ def evaluate(model, tokenizer, test, cfg: ExampleConfig, teacher=None) -> dict:
 
     result = evaluate_translation(
         model, tokenizer, test, cfg.src, cfg.tgt, teacher=teacher, batch_size=cfg.eval_batch_size,
-        max_new_tokens=cfg.eval_max_new_tokens, progress=True,
+        max_new_tokens=cfg.eval_max_new_tokens, instruction_role=cfg.instruction_role, progress=True,
     )  # fmt: skip
     result["samples"] = [
         {"ref": p["ref"], "src": p["src"], "tgt": p["tgt"], "hyp": h}

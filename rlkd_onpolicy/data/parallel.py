@@ -202,24 +202,38 @@ def _pick_split(dataset_dict, split: str, name: str):
     raise ValueError(f"Dataset '{name}' has no split '{split}'. Available: {list(dataset_dict)}.")
 
 
-def to_prompt_completion(pairs: Iterable[dict], src: str, tgt: str, *, conversational: bool = True) -> list[dict]:
+INSTRUCTION_ROLES = ("user", "system")
+
+
+def to_prompt_completion(
+    pairs: Iterable[dict], src: str, tgt: str, *, conversational: bool = True, instruction_role: str = "user"
+) -> list[dict]:
     """TRL prompt–completion examples from pairs: the prompt asks for a translation of `src`, the completion is `tgt`.
 
     Conversational (default; tokenised with the chat template by `rlkd_onpolicy.data.tokenize_example`):
     `{"prompt": [{"role": "user", "content": "Translate from English to French:\\n<src>"}],
       "completion": [{"role": "assistant", "content": "<tgt>"}]}`.
-    Standard: the same texts as plain strings, the prompt ending in a newline.
+    `instruction_role="system"` puts the instruction in a system message and the source alone in the user message:
+    `[{"role": "system", "content": "Translate from English to French."}, {"role": "user", "content": "<src>"}]`.
+    It replaces the chat template's default system prompt (SmolLM2's is 16 tokens long), so every example is shorter;
+    use it only with a template that accepts a system message.
+    Standard: the same texts as plain strings, the prompt ending in a newline (`instruction_role` does not apply).
     """
     for role, lang in (("src", src), ("tgt", tgt)):
         if lang not in LANGUAGE_NAMES:
             raise ValueError(f"Unknown {role} language '{lang}' for the prompt. Known: {sorted(LANGUAGE_NAMES)}.")
-    instruction = f"Translate from {LANGUAGE_NAMES[src]} to {LANGUAGE_NAMES[tgt]}:\n"
+    if instruction_role not in INSTRUCTION_ROLES:
+        raise ValueError(f"instruction_role={instruction_role!r} must be one of {INSTRUCTION_ROLES}.")
+    task = f"Translate from {LANGUAGE_NAMES[src]} to {LANGUAGE_NAMES[tgt]}"
     examples = []
     for pair in pairs:
-        if conversational:
-            prompt = [{"role": "user", "content": instruction + pair["src"]}]
-            completion = [{"role": "assistant", "content": pair["tgt"]}]
+        if not conversational:
+            prompt, completion = f"{task}:\n{pair['src']}\n", pair["tgt"]
         else:
-            prompt, completion = instruction + pair["src"] + "\n", pair["tgt"]
+            completion = [{"role": "assistant", "content": pair["tgt"]}]
+            if instruction_role == "system":
+                prompt = [{"role": "system", "content": task + "."}, {"role": "user", "content": pair["src"]}]
+            else:
+                prompt = [{"role": "user", "content": f"{task}:\n{pair['src']}"}]
         examples.append({"prompt": prompt, "completion": completion})
     return examples

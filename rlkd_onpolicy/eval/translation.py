@@ -14,12 +14,13 @@ from rlkd_onpolicy.data import collate_prompt_completion, tokenize_example
 from rlkd_onpolicy.data.parallel import to_prompt_completion
 
 
-def _examples(tokenizer, pairs: Sequence[dict], src: str, tgt: str, conversational: bool | None, **lengths):
+def _examples(tokenizer, pairs: Sequence[dict], src: str, tgt: str, conversational: bool | None,
+              instruction_role: str = "user", **lengths):  # fmt: skip
     if not pairs:
         raise ValueError("No pairs to evaluate: the split is empty (check the length limits and `limit`).")
     if conversational is None:
         conversational = getattr(tokenizer, "chat_template", None) is not None
-    examples = to_prompt_completion(pairs, src, tgt, conversational=conversational)
+    examples = to_prompt_completion(pairs, src, tgt, conversational=conversational, instruction_role=instruction_role)
     return [tokenize_example(tokenizer, e, **lengths) for e in examples]
 
 
@@ -52,13 +53,16 @@ def generate_translations(
     max_new_tokens: int = 128,
     max_prompt_length: int | None = 256,
     conversational: bool | None = None,
+    instruction_role: str = "user",
     progress: bool = False,
 ) -> list[str]:
     """Greedy translations of `pairs[i]["src"]`, in the order of `pairs`.
 
     Prompts are left-padded (B, P) so that every row continues at the same column; generation stops at EOS.
     """
-    tokenized = _examples(tokenizer, pairs, src, tgt, conversational, max_prompt_length=max_prompt_length)
+    tokenized = _examples(
+        tokenizer, pairs, src, tgt, conversational, instruction_role, max_prompt_length=max_prompt_length
+    )
     pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(tokenized)
@@ -143,6 +147,7 @@ def teacher_forced_agreement(
     max_length: int | None = 384,
     max_prompt_length: int | None = 256,
     conversational: bool | None = None,
+    instruction_role: str = "user",
     progress: bool = False,
 ) -> dict[str, float]:
     """Student vs teacher on the reference translations (teacher-forced, same tokens for both).
@@ -158,8 +163,9 @@ def teacher_forced_agreement(
             f"({teacher.config.vocab_size}); teacher-forced agreement needs one shared tokenizer."
         )
     tokenized = _examples(
-        tokenizer, pairs, src, tgt, conversational, max_length=max_length, max_prompt_length=max_prompt_length
-    )
+        tokenizer, pairs, src, tgt, conversational, instruction_role, max_length=max_length,
+        max_prompt_length=max_prompt_length,
+    )  # fmt: skip
     topk_agreement = _topk_agreement()
     device = next(student.parameters()).device
     states = student.training, teacher.training
@@ -198,6 +204,7 @@ def evaluate_translation(
     max_new_tokens: int = 128,
     ks: Sequence[int] = (1, 2, 3, 5, 10),
     conversational: bool | None = None,
+    instruction_role: str = "user",
     progress: bool = False,
 ) -> dict:
     """BLEU and chrF of greedy translations against `pairs[i]["tgt"]`, plus, with a `teacher`, the teacher-forced
@@ -207,20 +214,20 @@ def evaluate_translation(
     start = time.perf_counter()
     hypotheses = generate_translations(
         model, tokenizer, pairs, src, tgt, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        conversational=conversational, progress=progress,
+        conversational=conversational, instruction_role=instruction_role, progress=progress,
     )  # fmt: skip
     result: dict = bleu_chrf(hypotheses, [p["tgt"] for p in pairs])
     if teacher is not None:
         result.update(
             teacher_forced_agreement(
                 model, teacher, tokenizer, pairs, src, tgt, batch_size=max(batch_size // 2, 1), ks=ks,
-                conversational=conversational, progress=progress,
+                conversational=conversational, instruction_role=instruction_role, progress=progress,
             )  # fmt: skip
         )
         own = [{**pair, "tgt": hypothesis} for pair, hypothesis in zip(pairs, hypotheses, strict=True)]
         result["kl_own"] = teacher_forced_agreement(
             model, teacher, tokenizer, own, src, tgt, batch_size=max(batch_size // 2, 1), ks=(1,),
-            conversational=conversational, progress=progress,
+            conversational=conversational, instruction_role=instruction_role, progress=progress,
         )["kl"]  # fmt: skip
     result["hypotheses"] = hypotheses
     result["eval_seconds"] = time.perf_counter() - start

@@ -140,3 +140,18 @@ def test_prompt_completion_tokenises_with_the_chat_template(smollm2_tokenizer):
     assert completion.startswith("Au commencement") and completion.endswith("<|im_end|>")
     prompt = smollm2_tokenizer.decode(tokenized.prompt_ids)
     assert prompt.endswith("In the beginning<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_instruction_in_the_system_message_replaces_the_default_system_prompt(smollm2_tokenizer):
+    pair = [{"src": "In the beginning", "tgt": "Au commencement"}]
+    (system,) = to_prompt_completion(pair, "en", "fr", instruction_role="system")
+    assert system["prompt"] == [{"role": "system", "content": "Translate from English to French."},
+                                {"role": "user", "content": "In the beginning"}]  # fmt: skip
+    (user,) = to_prompt_completion(pair, "en", "fr")
+    short, default = (tokenize_example(smollm2_tokenizer, e) for e in (system, user))
+    prompt = smollm2_tokenizer.decode(short.prompt_ids)
+    assert "SmolLM" not in prompt and "SmolLM" in smollm2_tokenizer.decode(default.prompt_ids)
+    assert len(short.prompt_ids) < len(default.prompt_ids) - 10  # the 16-token default system prompt is gone
+    assert short.completion_ids == default.completion_ids
+    with pytest.raises(ValueError, match="instruction_role='assistant'"):
+        to_prompt_completion(pair, "en", "fr", instruction_role="assistant")
