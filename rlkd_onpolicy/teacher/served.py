@@ -657,13 +657,13 @@ def served_generate(
         }
         if row_seeds is not None:
             fields["seed"] = int(row_seeds[row])
-        return list(teacher._generate(prompts[row], **fields)["choices"][0]["token_ids"])
+        return list(teacher._generate(prompts[row], **fields)["choices"][0]["token_ids"])[:max_new_tokens]
 
     outputs = _in_pool(sample, range(bsz), teacher.options.max_concurrency)
     tokens = torch.full((bsz, max_new_tokens), pad_token_id, dtype=torch.int64)
     for row, out in enumerate(outputs):
-        tokens[row, : len(out)] = torch.tensor(out[:max_new_tokens], dtype=torch.int64)
-    lengths = torch.tensor([min(len(o), max_new_tokens) for o in outputs])
+        tokens[row, : len(out)] = torch.tensor(out, dtype=torch.int64)
+    lengths = torch.tensor([len(o) for o in outputs])
     completion_mask = torch.arange(max_new_tokens) < lengths.unsqueeze(1)
     completion_mask &= first_eos_mask(tokens, torch.tensor(eos, dtype=torch.int64) if eos else None)
     seconds = time.perf_counter() - start

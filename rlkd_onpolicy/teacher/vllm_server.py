@@ -159,6 +159,8 @@ class LocalVLLMServer:
         self.process.wait(timeout=10)
         self._log.close()
         self.process = None
+        if _group_alive(pgid):
+            raise RuntimeError(f"the vLLM server's process group {pgid} survived SIGKILL; kill it by hand")
 
     def __enter__(self) -> LocalVLLMServer:
         self.start()

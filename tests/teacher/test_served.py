@@ -13,7 +13,7 @@ from tiny_models import tiny_tokenizer
 from rlkd_onpolicy.kernels import fused_topk_loss
 from rlkd_onpolicy.losses import distillation_loss, teacher_topk
 from rlkd_onpolicy.models import student_from_teacher
-from rlkd_onpolicy.sampling.rollout import SOURCE_DATA, assemble_rollout
+from rlkd_onpolicy.sampling.rollout import SOURCE_DATA, SOURCE_TEACHER, assemble_rollout
 from rlkd_onpolicy.sampling.speculative import verify_drafts
 from rlkd_onpolicy.teacher import ServedTeacher, ServerOptions, SparseTeacher, TeacherServerError
 from rlkd_onpolicy.teacher.served import served_generate, served_speculative_round
@@ -53,6 +53,16 @@ def local_logits(model, rollout):
     positions = (rollout.attention_mask.cumsum(1) - 1).clamp_min(0)
     logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, position_ids=positions).logits
     return logits[:, rollout.prompt_length - 1 : -1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The local model's many small forwards run on one torch thread: on the 2 shared cores, beside the server's worker
+    and other jobs, two threads made them 14× slower (25 one-row forwards: 72 s vs 5 s, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -256,16 +266,25 @@ def test_speculative_round_matches_local_verification(served, smollm2):
 def test_seq_kd_generation_matches_local_greedy(served, smollm2):
     model, tokenizer, _ = smollm2
     rollout = make_rollout(tokenizer, [(p, "") for p, _ in PAIRS[:3]])
-    prompt_ids, prompt_mask = rollout.sequences, rollout.attention_mask
-    eos = tokenizer.eos_token_id
+    prompt_ids, prompt_mask, width = rollout.sequences, rollout.attention_mask, rollout.prompt_length
+
+    def local_greedy(row, eos):
+        prompt = prompt_ids[row][prompt_mask[row].bool()].unsqueeze(0)
+        with torch.no_grad():
+            out = model.generate(prompt, do_sample=False, max_new_tokens=12, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        return out[0, prompt.shape[1] :].tolist()
+
+    # A stop id that row 0's greedy answer reaches at its 4th token, beside the model's EOS: the completion must end
+    # there, that token included, exactly where the local sampler ends it.
+    stop = local_greedy(0, tokenizer.eos_token_id)[3]
+    eos = [tokenizer.eos_token_id, stop]
     out = served_generate(served, prompt_ids, prompt_mask, max_new_tokens=12, temperature=0.0, eos_token_id=eos,
                           pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     assert out.mode == "seq_kd" and out.stats["generated_tokens"] > 0
-    width = prompt_ids.shape[1]
+    assert (out.token_source[out.completion_mask] == SOURCE_TEACHER).all()
     for row in range(prompt_ids.shape[0]):
-        prompt = prompt_ids[row][prompt_mask[row].bool()]
-        with torch.no_grad():
-            expected = model.generate(prompt.unsqueeze(0), do_sample=False, max_new_tokens=12, eos_token_id=eos,
-                                      pad_token_id=tokenizer.pad_token_id)[0, len(prompt) :]  # fmt: skip
         got = out.sequences[row, width:][out.completion_mask[row, width:]]
-        assert got.tolist() == expected.tolist()[: len(got)] and len(got) == len(expected)
+        assert got.tolist() == local_greedy(row, eos)
+    first = out.sequences[0, width:][out.completion_mask[0, width:]]
+    assert first[-1] == stop and len(first) <= 4
