@@ -392,7 +392,7 @@ class ServedTeacher:
             raise RuntimeError("ServedTeacher.score before check(): construct it with check=True or call check().")
         where = "" if step is None else f" at training step {step}"
         spans = rollout_spans(rollout)
-        self._check_lengths(spans, rollout, where)
+        self._check_lengths(spans, where)
         batch, width = rollout.sequences.shape[0], rollout.sequences.shape[1] - rollout.prompt_length
         k = self.top_k
         ids = torch.arange(k, dtype=torch.int64).expand(batch, width, k).clone()
@@ -417,7 +417,7 @@ class ServedTeacher:
         device = rollout.sequences.device
         return SparseTeacher(ids.to(device), logprobs.to(device), tail.to(device))
 
-    def _check_lengths(self, spans: list[RowSpan], rollout: Rollout, where: str) -> None:
+    def _check_lengths(self, spans: list[RowSpan], where: str) -> None:
         # The API generates at least one token, so a prompt may hold at most max_model_len - 1 of them.
         limit = self.info.max_model_len - 1 if self.info.max_model_len else None
         for span in spans:
