@@ -151,7 +151,10 @@ class NonFiniteGuard:
     """Checks each micro-batch's loss and, before `optimizer.step()`, the accumulated gradients.
 
     policy "error": raise `NonFiniteError` naming the optimizer step; "skip": drop the step (zero the gradients, no
-    optimizer or scheduler update) and count it in `skipped_steps`.
+    optimizer or scheduler update) and count it in `skipped_steps`. Skipping is for rare bad batches: a run that
+    skips `max_consecutive_skips` steps in a row, or reaches its last step having taken none, raises
+    `NonFiniteError` too, since it is learning nothing (a teacher whose logits are always non-finite, a learning
+    rate that diverged), and finishing would save an untrained model as if it were trained.
 
     Where each check sits: without DeepSpeed the decision is taken once per optimizer step, inside a wrapper around
     the optimizer's `step` (after the last micro-batch's backward and the clipping, where a NaN loss has made the
@@ -160,9 +163,12 @@ class NonFiniteGuard:
     only, which RLKDConfig enforces); its gradients are not checked.
     """
 
-    def __init__(self, policy: str):
+    def __init__(self, policy: str, max_consecutive_skips: int = 10):
         self.policy = policy
-        self.skipped_steps = 0
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps = 0  # over the whole run, restored on resume
+        self._consecutive_skips = 0
+        self._taken_steps = 0  # optimizer steps taken by this `train()` call
         self._micro_batch = 0
         self._bad_loss: str | None = None  # the first non-finite loss of the current step, described
 
@@ -177,6 +183,7 @@ class NonFiniteGuard:
 
     def install(self, trainer) -> None:
         """Wrap the (prepared) optimizer's `step` so that every optimizer step passes through `_before_step`."""
+        self._consecutive_skips = self._taken_steps = 0
         optimizer = trainer.optimizer
         if getattr(optimizer, "_nonfinite_guard", None) is self:
             return  # train() called again on the same optimizer
@@ -208,6 +215,8 @@ class NonFiniteGuard:
             problem = "gradient"
         if not _any_rank(problem is not None, trainer.accelerator):
             _mark_skipped(trainer.optimizer, False)
+            self._consecutive_skips = 0
+            self._taken_steps += 1
             return True
         problem = problem or "loss or gradient on another rank"
         if self.policy == "error":
@@ -215,9 +224,31 @@ class NonFiniteGuard:
         trainer.optimizer.zero_grad(set_to_none=True)
         _mark_skipped(trainer.optimizer, True)  # the Trainer then leaves the LR scheduler where it is
         self.skipped_steps += 1
+        self._consecutive_skips += 1
+        self._check_still_learning(trainer, problem)
         logger.warning(f"Skipped optimizer step {trainer.state.global_step + 1}: non-finite {problem}; the "
                        f"parameters are unchanged ({self.skipped_steps} step(s) skipped so far).")
         return False
+
+    def _check_still_learning(self, trainer, problem: str) -> None:
+        """Under "skip": raise when the last `max_consecutive_skips` steps, or every step of this run, were skipped."""
+        step = trainer.state.global_step + 1
+        last_step = step >= trainer.state.max_steps > 0
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            what = f"{self._consecutive_skips} consecutive optimizer steps (steps {step - self._consecutive_skips + 1}"
+            what += f"–{step}) were skipped"
+        elif last_step and self._taken_steps == 0:
+            what = f"every one of the {self._consecutive_skips} optimizer steps of this run was skipped"
+        else:
+            return
+        raise NonFiniteError(
+            f"nonfinite_policy='skip': {what}, the last for a non-finite {problem}, so the model is not learning "
+            "and the run stops rather than save it as trained. Skipping is for rare bad batches; find what makes "
+            "every step non-finite (a teacher whose logits are NaN/inf, a bad example, a learning rate that "
+            "diverged; nonfinite_policy='error' stops at the first one and names it), or raise "
+            f"nonfinite_max_consecutive_skips (now {self.max_consecutive_skips}) if longer runs of bad batches are "
+            "expected."
+        )
 
     def _error(self, trainer, problem: str) -> NonFiniteError:
         return NonFiniteError(

@@ -230,7 +230,7 @@ class RLKDTrainer(Trainer):
         self._eval_generator = self._new_eval_generator()
         self._evaluating = False
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy)
+        self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy, args.nonfinite_max_consecutive_skips)
 
     # -- data ----------------------------------------------------------------------------------------------------
 
