@@ -125,6 +125,7 @@ class RLKDTrainer(Trainer):
         callbacks=None,
         optimizers=(None, None),
         compute_metrics=None,
+        preprocess_logits_for_metrics=None,
     ):
         if args is None:
             args = RLKDConfig(output_dir="rlkd-output")
@@ -184,6 +185,7 @@ class RLKDTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
             compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         # compute_loss divides by the step's token count itself: training_step must not divide again.
         self.loss_is_scaled_for_ga = True
@@ -292,22 +294,37 @@ class RLKDTrainer(Trainer):
 
     # -- evaluation: the same rollout + loss on the eval set, from a generator reset at every evaluation -------
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        # Here, not in `evaluate`, so that `predict` evaluates the same way; the distillation metrics join the
+        # returned ones, so that evaluate() returns them and metric_for_best_model can name them (eval_mor@5).
         self._eval_generator = self._new_eval_generator()
         self._evaluating = True
         try:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            averaged = self._averaged_metrics("eval")
         finally:
             self._evaluating = False
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in averaged.items()})
+        return output
 
     def _new_eval_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.args.seed + 1_000_003 + self.accelerator.process_index)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """(loss, logits, labels) as transformers' Trainer gives `compute_metrics`: the student's logits (B, T, V) on
+        the evaluated sequence (the rollout: generated or the dataset's, per sampling_mode) and its token ids as
+        labels, -100 outside the completion, unshifted. Only with `compute_metrics` (one more student forward)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, {**inputs, "rollout": self._rollout(inputs)})
-        return loss.detach(), None, None
+            rollout = self._rollout(inputs)
+            loss = self.compute_loss(model, {**inputs, "rollout": rollout})
+            if prediction_loss_only:
+                return loss.detach(), None, None
+            logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
+        labels = rollout.sequences.masked_fill(~rollout.completion_mask, -100)
+        return loss.detach(), logits[..., : self.vocab_size], labels
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rollout: Rollout = inputs.get("rollout") or self._rollout(inputs)
@@ -510,20 +527,23 @@ class RLKDTrainer(Trainer):
         if self.args.sampling_mode == "speculative":
             metrics["teacher_token_fraction"].append(float(replaced.sum()) / tokens)
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if self._evaluating else "train"
+    def _averaged_metrics(self, mode: str) -> dict[str, float]:
+        """The mean of each metric recorded since the last call, over batches and ranks; then forgets them."""
         averaged = {key: sum(values) / len(values) for key, values in sorted(self._metrics[mode].items()) if values}
         if self.accelerator.num_processes > 1 and averaged:
             # Every rank logs at the same step with the same keys (they depend on the config only): average them.
             local = torch.tensor(list(averaged.values()), device=self.accelerator.device, dtype=torch.float64)
             gathered = self.accelerator.gather(local.unsqueeze(0)).mean(0)
             averaged = dict(zip(averaged, gathered.tolist(), strict=True))
-        if mode == "eval":
-            averaged = {f"eval_{key}": value for key, value in averaged.items()}
-        elif self.args.nonfinite_policy == "skip":
-            averaged["nonfinite_skipped_steps"] = self.nonfinite_guard.skipped_steps  # cumulative
-        logs = {**logs, **averaged}
         self._metrics[mode].clear()
+        return averaged
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Evaluation metrics are already in `logs` (evaluation_loop put them there); training ones are added here.
+        if not self._evaluating:
+            logs = {**logs, **self._averaged_metrics("train")}
+            if self.args.nonfinite_policy == "skip":
+                logs["nonfinite_skipped_steps"] = self.nonfinite_guard.skipped_steps  # cumulative
         super().log(logs, start_time)
 
 
