@@ -20,7 +20,7 @@ from rlkd_onpolicy.cache.format import (
     tokenizer_hash,
     write_manifest,
 )
-from rlkd_onpolicy.data import tokenize_example
+from rlkd_onpolicy.data import check_prompt_not_empty, tokenize_example
 from rlkd_onpolicy.losses.divergences import teacher_topk
 
 
@@ -152,14 +152,9 @@ def build_cache(
         first, last = index * shard_size, min((index + 1) * shard_size, len(dataset))
         examples = []
         for position in range(first, last):
-            example = tokenize_example(
-                tokenizer, dataset[position], max_length=max_length, max_prompt_length=max_prompt_length
-            )
-            if example.completion_start == 0 and example.completion_ids:
-                raise ValueError(
-                    f"Example {position} has an empty prompt, so its first completion token has no position "
-                    "predicting it; give it a prompt (or a tokenizer that adds BOS)."
-                )
+            row = dataset[position]
+            example = tokenize_example(tokenizer, row, max_length=max_length, max_prompt_length=max_prompt_length)
+            check_prompt_not_empty(example, position, "the dataset", row["prompt"])
             examples.append(example)
         tensors = _encode_shard(examples, teacher, pad_id, k, temperature, batch_size, dtype, len(tokenizer))
         data = save(tensors, metadata={"shard": str(index), "first_example": str(first)})

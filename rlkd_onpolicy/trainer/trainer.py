@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, T
 
 from rlkd_onpolicy.data.prompt_completion import (
     TokenizedExample,
+    check_prompt_not_empty,
     collate_prompt_completion,
     tokenize_example,
     validate_prompt_completion_dataset,
@@ -172,9 +173,9 @@ class RLKDTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
 
-        train_dataset = self._tokenize(train_dataset, tokenizer, args)
+        train_dataset = self._tokenize(train_dataset, tokenizer, args, "train_dataset")
         if eval_dataset is not None:
-            eval_dataset = self._tokenize(eval_dataset, tokenizer, args)
+            eval_dataset = self._tokenize(eval_dataset, tokenizer, args, "eval_dataset")
         super().__init__(
             model=model,
             args=args,
@@ -237,7 +238,7 @@ class RLKDTrainer(Trainer):
     # -- data ----------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _tokenize(dataset, tokenizer, args: RLKDConfig):
+    def _tokenize(dataset, tokenizer, args: RLKDConfig, name: str):
         import datasets
 
         if isinstance(dataset, list):
@@ -247,6 +248,7 @@ class RLKDTrainer(Trainer):
             tokenized = tokenize_example(
                 tokenizer, example, max_length=args.max_length, max_prompt_length=args.max_prompt_length
             )
+            check_prompt_not_empty(tokenized, index, name, example["prompt"])
             return {"prompt_ids": tokenized.prompt_ids, "completion_ids": tokenized.completion_ids,
                     "example_index": index}
 

@@ -117,6 +117,15 @@ CASES = {
     "empty dataset": (
         lambda out, tmp, cache: _build(out, train=datasets.Dataset.from_dict({"prompt": [], "completion": []})),
         "train_dataset is empty"),
+    # issue 15, defect 4: an empty prompt was accepted and crashed mid-run, after checkpoints were written
+    "empty prompt": (
+        lambda out, tmp, cache: _build(out, train=tiny_pairs(4) + [{"prompt": "", "completion": "le chat"}]),
+        "train_dataset row 4 has an empty prompt"),
+    "prompt of only whitespace, in the eval dataset": (
+        lambda out, tmp, cache: RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=_teacher(), args=_config(out),
+                                            train_dataset=tiny_pairs(4), processing_class=tiny_tokenizer(),
+                                            eval_dataset=tiny_pairs(2) + [{"prompt": "   ", "completion": "le"}]),
+        r"eval_dataset row 2 has an empty prompt \('   ' tokenises to no tokens\)"),
     "eval dataset without a prompt column": (
         lambda out, tmp, cache: RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=_teacher(), args=_config(out),
                                             train_dataset=tiny_pairs(4), eval_dataset=[{"completion": "le chat"}],
