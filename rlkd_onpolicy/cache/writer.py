@@ -14,6 +14,8 @@ from rlkd_onpolicy.cache.format import (
     STORAGE_DTYPES,
     CacheHeader,
     atomic_write,
+    example_hash,
+    example_hashes_tensor,
     read_manifest,
     sha256_bytes,
     shard_name,
@@ -38,6 +40,7 @@ def _encode_shard(
     """Run the teacher over tokenised examples and pack them into the shard tensors of format.py."""
     device = next(teacher.parameters()).device
     input_ids, offsets, starts, topk_ids, topk_logprobs, tails = [], [0], [], [], [], []
+    hashes = [example_hash(e.input_ids, e.completion_start) for e in examples]
     storage = STORAGE_DTYPES[dtype]
     for begin in range(0, len(examples), batch_size):
         batch = examples[begin : begin + batch_size]
@@ -70,6 +73,7 @@ def _encode_shard(
         "topk_ids": torch.cat(topk_ids).reshape(-1, k).contiguous(),
         "topk_logprobs": torch.cat(topk_logprobs).reshape(-1, k).contiguous(),
         "tail_logprob": torch.cat(tails).float().contiguous(),
+        "example_hash": example_hashes_tensor(hashes),
     }
 
 

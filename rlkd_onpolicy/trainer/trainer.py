@@ -77,6 +77,10 @@ def check_vocabularies(student: PreTrainedModel, teacher: PreTrainedModel | None
     return n_tokens
 
 
+def _tokenized_examples(dataset):
+    return (TokenizedExample(p, c) for p, c in zip(dataset["prompt_ids"], dataset["completion_ids"], strict=True))
+
+
 class PromptCompletionCollator:
     """Collates tokenised examples: prompts left-padded for generation, dataset completions right-padded."""
 
@@ -174,6 +178,9 @@ class RLKDTrainer(Trainer):
             model = get_peft_model(model, peft_config)
 
         train_dataset = self._tokenize(train_dataset, tokenizer, args, "train_dataset")
+        if self.teacher_cache is not None:  # every example against the cache's hashes, before any work
+            self.teacher_cache.check_examples(_tokenized_examples(train_dataset), tokenizer=tokenizer,
+                                              max_length=args.max_length, max_prompt_length=args.max_prompt_length)
         if eval_dataset is not None:
             eval_dataset = self._tokenize(eval_dataset, tokenizer, args, "eval_dataset")
         super().__init__(

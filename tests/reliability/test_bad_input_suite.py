@@ -63,6 +63,13 @@ def _corrupted(cache_dir, tmp_path) -> str:
     return str(broken)
 
 
+def _edited(rows: list[dict], row: int) -> list[dict]:
+    """`rows` with the first word of one completion replaced (the same number of tokens)."""
+    rows = [dict(r) for r in rows]
+    rows[row]["completion"] = " ".join(["fleuve"] + rows[row]["completion"].split()[1:])
+    return rows
+
+
 CASES = {
     # -- models and tokenizers
     "teacher with another tokenizer": (
@@ -86,6 +93,16 @@ CASES = {
     "cache of another dataset": (
         lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
                                        train=tiny_pairs(5)), "holds 12 examples but train_dataset has 5"),
+    # issue 15, defect 5: another version of the dataset (same length) was found only when its batch came up
+    "cache of an edited dataset": (
+        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
+                                       train=_edited(tiny_pairs(12), row=7)),
+        r"another version of train_dataset: 1 of 12 examples .*first: example 7; its completion has \d+ tokens here "
+        r"and \d+ in the cache and first differs at token 0: 'fleuve' here"),
+    "cache of a shuffled dataset": (
+        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
+                                       train=tiny_pairs(12)[::-1]),
+        r"first: example 0; it is the cache's example 11.*reordered or shuffled"),
     "corrupted cache shard": (
         lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=_corrupted(cache, tmp),
                                        sampling_mode="off_policy"), "(?i)checksum|sha"),
