@@ -1,6 +1,7 @@
 """What keeps a long distillation run safe: atomic checkpoints and the non-finite loss/gradient guard.
 
-`RLKDTrainer` calls into this module from three hooks (see docs/reliability.md for the guarantees and their tests):
+`RLKDTrainer` calls into this module from these hooks (see docs/reliability.md for the guarantees and their tests):
+- `__init__` -> `check_output_dir_writable`: an output_dir that cannot be written is refused before any work;
 - `_save_checkpoint` -> `save_checkpoint_atomically`: a checkpoint is written into a staging folder that
   `get_last_checkpoint` cannot see and renamed to `checkpoint-N` only once every file is on disk;
 - `train` -> `remove_staging_folders`: what a killed save left behind is removed before anything else;
@@ -14,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 
 import torch
 from transformers.trainer_callback import ExportableState
@@ -27,6 +29,31 @@ TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_
 STAGING_PREFIX = "_staging-"
 STALE_PREFIX = "_stale-"
 _LEFTOVER = re.compile(rf"^({STAGING_PREFIX}|{STALE_PREFIX}){PREFIX_CHECKPOINT_DIR}-\d+$")
+
+
+# -- checks before any work ----------------------------------------------------------------------------------------
+
+
+def check_output_dir_writable(output_dir: str) -> None:
+    """Refuse an output_dir that checkpoints cannot be written to, before any model is loaded or step taken.
+
+    Probes by creating (and removing) a file in it, since permission bits say nothing for root or on read-only
+    mounts. Creates the folder, as transformers' Trainer does in its constructor. Every process calls this: each
+    writes its own files (rollout RNG states, DeepSpeed shards) into the checkpoints.
+    """
+    path = os.path.abspath(output_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"output_dir={output_dir!r} is a file, not a folder: checkpoints and the final model are "
+                         "written into it. Choose another output_dir.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".rlkd-write-probe-"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"output_dir={output_dir!r} is not writable ({error.strerror}: {error.filename}), so the first checkpoint "
+            "would fail after training had started. Choose a writable output_dir or fix its permissions."
+        ) from error
 
 
 # -- atomic checkpoints --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from rlkd_onpolicy.trainer.config import RLKDConfig
 from rlkd_onpolicy.trainer.deepspeed import is_zero3, prepare_teacher, teacher_for_generation
 from rlkd_onpolicy.trainer.reliability import (
     NonFiniteGuard,
+    check_output_dir_writable,
     remove_staging_folders,
     save_checkpoint_atomically,
     skipped_steps_in,
@@ -138,6 +139,7 @@ class RLKDTrainer(Trainer):
             raise TypeError(f"args must be an RLKDConfig, got {type(args).__name__}.")
         if teacher_model is None and args.teacher_cache is None:
             raise ValueError("teacher_model is required (a causal LM or a name/path) unless args.teacher_cache is set.")
+        check_output_dir_writable(args.output_dir)
         if processing_class is None:
             if not isinstance(model, str):
                 raise ValueError("processing_class (the tokenizer) is required when model is a model object.")

@@ -5,7 +5,10 @@ RLKDTrainer's constructor (before any step), and nothing written to output_dir.
 tests/trainer/test_trainer_cache.py.)
 """
 
+import os
+import re
 import shutil
+import tempfile
 
 import datasets
 import pytest
@@ -61,6 +64,11 @@ def _corrupted(cache_dir, tmp_path) -> str:
     data[-5] ^= 0xFF  # one flipped payload byte
     shard.write_bytes(bytes(data))
     return str(broken)
+
+
+def _inside_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    return tmp_path / "notes.txt" / "run"
 
 
 def _edited(rows: list[dict], row: int) -> list[dict]:
@@ -127,6 +135,11 @@ CASES = {
                                           "rank_k=3 is invalid: with a sparse teacher it must be ≤ teacher_top_k=2"),
     "teacher offload without DeepSpeed": (lambda out, tmp, cache: _build(out, teacher_offload_to_cpu=True),
                                           "teacher_offload_to_cpu=True needs DeepSpeed ZeRO-3"),
+    # -- output_dir (issue 15, defect 6: an unwritable one trained, then crashed at the first save)
+    "output_dir inside a file": (
+        lambda out, tmp, cache: _build(_inside_a_file(tmp)), r"output_dir='.*/notes.txt/run' is not writable"),
+    "output_dir that is a file": (
+        lambda out, tmp, cache: _build(_inside_a_file(tmp).parent), r"output_dir='.*/notes.txt' is a file"),
     # -- datasets
     "dataset without a completion column": (
         lambda out, tmp, cache: _build(out, train=[{"prompt": "the cat", "answer": "le chat"}]),
@@ -159,3 +172,34 @@ def test_bad_input_fails_early_and_writes_nothing(tmp_path, cache_dir, case):
         make(out, tmp_path, cache_dir)
     # Trainer creates output_dir in its constructor; nothing may be in it.
     assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
+def _read_only_folder(tmp_path) -> str:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder)
+
+
+def _system_folder(tmp_path) -> str:
+    """A folder that even root cannot write (sysfs), for a test run as root, where permission bits do not bind."""
+    for folder in ("/sys/kernel", "/sys"):
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+        except OSError:
+            return folder
+    pytest.skip("no folder here refuses writes to root")
+
+
+# a folder without write permission (as a normal user), and one on a filesystem that refuses writes to root too
+@pytest.mark.parametrize("make_folder", [
+    pytest.param(_read_only_folder, marks=pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")),
+    pytest.param(_system_folder, marks=pytest.mark.skipif(os.geteuid() != 0, reason="the read-only folder covers it")),
+])
+def test_an_unwritable_output_dir_is_refused_before_any_work(tmp_path, make_folder):
+    """Issue 15, defect 6: an existing output_dir that cannot be written passed the constructor, trained, and crashed
+    at the first save. It must be refused at construction, naming the path."""
+    folder = make_folder(tmp_path)
+    with pytest.raises(ValueError, match=rf"output_dir='{re.escape(folder)}' is not writable \(Permission denied"):
+        _build(folder)
