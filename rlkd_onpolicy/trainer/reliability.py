@@ -56,6 +56,34 @@ def check_output_dir_writable(output_dir: str) -> None:
         ) from error
 
 
+# -- the rollout generator in checkpoints -----------------------------------------------------------------------
+
+
+def rollout_rng_file(checkpoint: str, rank: int) -> str:
+    return os.path.join(checkpoint, f"rollout_rng_state_{rank}.pth")
+
+
+def restore_rollout_generator(generator: torch.Generator, checkpoint: str, rank: int) -> bool:
+    """Load this rank's rollout generator state from `checkpoint`; without the file, warn naming it and go on.
+
+    A warning, not an error: the resumed run is still a correct run, only not the uninterrupted one's twin, and
+    the file is legitimately absent when resuming with more processes than the checkpoint was saved with (as
+    transformers treats its own RNG files). Returns whether the state was restored.
+    """
+    path = rollout_rng_file(checkpoint, rank)
+    if os.path.isfile(path):
+        generator.set_state(torch.load(path, weights_only=True))
+        return True
+    present = sorted(name for name in os.listdir(checkpoint) if re.fullmatch(r"rollout_rng_state_\d+\.pth", name))
+    logger.warning(
+        f"Resuming from {checkpoint} without {path}: the rollouts (sampled completions, mixed-mode coins) will not be "
+        "those of the uninterrupted run; they come from the generator as seeded at the start (seed + rank). "
+        f"The checkpoint holds {present or 'no rollout RNG state'}"
+        f"{' (saved with another number of processes?)' if present else ' (saved by another version?)'}."
+    )
+    return False
+
+
 # -- atomic checkpoints --------------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,6 @@ atomically and hold the rollout generator too (reliability.py; guarantees and te
 """
 
 import math
-import os
 from collections import defaultdict
 from typing import Any
 
@@ -40,6 +39,8 @@ from rlkd_onpolicy.trainer.reliability import (
     NonFiniteGuard,
     check_output_dir_writable,
     remove_staging_folders,
+    restore_rollout_generator,
+    rollout_rng_file,
     save_checkpoint_atomically,
     skipped_steps_in,
 )
@@ -498,18 +499,13 @@ class RLKDTrainer(Trainer):
             # Restored here, before the first step and on every backend (DeepSpeed loads its checkpoint here too):
             # Trainer restores its own RNG states only after fetching the first batches on resume, and fetching a
             # batch is where our rollouts draw from this generator.
-            path = self._rollout_rng_file(resume_from_checkpoint)
-            if os.path.isfile(path):
-                self.rollout_generator.set_state(torch.load(path, weights_only=True))
+            restore_rollout_generator(self.rollout_generator, resume_from_checkpoint, self.accelerator.process_index)
             self.nonfinite_guard.skipped_steps = skipped_steps_in(resume_from_checkpoint)
         return model, train_dataloader
 
-    def _rollout_rng_file(self, folder: str) -> str:
-        return os.path.join(folder, f"rollout_rng_state_{self.accelerator.process_index}.pth")
-
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
-        torch.save(self.rollout_generator.get_state(), self._rollout_rng_file(output_dir))
+        torch.save(self.rollout_generator.get_state(), rollout_rng_file(output_dir, self.accelerator.process_index))
 
     # -- logging -------------------------------------------------------------------------------------------------
 
