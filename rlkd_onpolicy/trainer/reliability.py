@@ -37,18 +37,24 @@ _LEFTOVER = re.compile(rf"^({STAGING_PREFIX}|{STALE_PREFIX}){PREFIX_CHECKPOINT_D
 def check_output_dir_writable(output_dir: str) -> None:
     """Refuse an output_dir that checkpoints cannot be written to, before any model is loaded or step taken.
 
-    Probes by creating (and removing) a file in it, since permission bits say nothing for root or on read-only
-    mounts. Creates the folder, as transformers' Trainer does in its constructor. Every process calls this: each
-    writes its own files (rollout RNG states, DeepSpeed shards) into the checkpoints.
+    Probes by creating and removing a file in it (or, while it does not exist, a folder in its nearest existing
+    parent, where it would be created), since permission bits say nothing for root or on read-only mounts; nothing
+    is left behind. Every process calls this: each writes its own files (rollout RNG states, DeepSpeed shards).
     """
     path = os.path.abspath(output_dir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"output_dir={output_dir!r} is a file, not a folder: checkpoints and the final model are "
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        where = "is a file" if parent == path else f"is under {parent}, which is a file"
+        raise ValueError(f"output_dir={output_dir!r} {where}, not a folder: checkpoints and the final model are "
                          "written into it. Choose another output_dir.")
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".rlkd-write-probe-"):
-            pass
+        if parent == path:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".rlkd-write-probe-"):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".rlkd-write-probe-"))
     except OSError as error:
         raise ValueError(
             f"output_dir={output_dir!r} is not writable ({error.strerror}: {error.filename}), so the first checkpoint "

@@ -137,7 +137,8 @@ CASES = {
                                           "teacher_offload_to_cpu=True needs DeepSpeed ZeRO-3"),
     # -- output_dir (issue 15, defect 6: an unwritable one trained, then crashed at the first save)
     "output_dir inside a file": (
-        lambda out, tmp, cache: _build(_inside_a_file(tmp)), r"output_dir='.*/notes.txt/run' is not writable"),
+        lambda out, tmp, cache: _build(_inside_a_file(tmp)),
+        r"output_dir='.*/notes.txt/run' is under .*/notes.txt, which is a file"),
     "output_dir that is a file": (
         lambda out, tmp, cache: _build(_inside_a_file(tmp).parent), r"output_dir='.*/notes.txt' is a file"),
     # -- datasets
@@ -197,9 +198,14 @@ def _system_folder(tmp_path) -> str:
     pytest.param(_read_only_folder, marks=pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")),
     pytest.param(_system_folder, marks=pytest.mark.skipif(os.geteuid() != 0, reason="the read-only folder covers it")),
 ])
-def test_an_unwritable_output_dir_is_refused_before_any_work(tmp_path, make_folder):
-    """Issue 15, defect 6: an existing output_dir that cannot be written passed the constructor, trained, and crashed
-    at the first save. It must be refused at construction, naming the path."""
+@pytest.mark.parametrize("below", ["", "run/1"])  # the folder itself; a folder that would be created in it
+def test_an_unwritable_output_dir_is_refused_before_any_work(tmp_path, make_folder, below):
+    """Issue 15, defect 6: an output_dir that cannot be written passed the constructor, trained, and crashed at the
+    first save. It must be refused at construction, naming the path, and nothing may be left behind."""
     folder = make_folder(tmp_path)
-    with pytest.raises(ValueError, match=rf"output_dir='{re.escape(folder)}' is not writable \(Permission denied"):
-        _build(folder)
+    before = sorted(os.listdir(folder))
+    output_dir = os.path.join(folder, below) if below else folder
+    refused = rf"output_dir='{re.escape(output_dir)}' is not writable \((Permission denied|Operation not permitted)"
+    with pytest.raises(ValueError, match=refused):
+        _build(output_dir)
+    assert sorted(os.listdir(folder)) == before
