@@ -4,9 +4,11 @@ Every metric reads the same token sequences: the prompt rendered as in training 
 chat template when the tokenizer has one) and, for the teacher-forced metrics, the reference completion (+ EOS).
 """
 
+import json
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -85,6 +87,45 @@ def generate_translations(
             outputs[i] = text.strip()
     model.train(was_training)
     return outputs
+
+
+def translate(model, tokenizer, texts: str | Sequence[str], src: str, tgt: str, *, instruction_role: str = "user",
+              max_new_tokens: int = 128, batch_size: int = 16) -> str | list[str]:  # fmt: skip
+    """Greedy translation of one text (returns a string) or several (a list), prompted as in training."""
+    single = isinstance(texts, str)
+    pairs = [{"src": text, "tgt": ""} for text in ([texts] if single else texts)]
+    out = generate_translations(model, tokenizer, pairs, src, tgt, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, instruction_role=instruction_role)  # fmt: skip
+    return out[0] if single else out
+
+
+def load_translator(folder: str | Path, **generation):
+    """A translation function from a folder written by the translation example (`save_pretrained` of a distilled
+    student plus `translation.json`: languages and prompt format).
+
+    Example:
+        >>> translate = load_translator("runs/translation/students/on_policy-fkl-rank-0")  # doctest: +SKIP
+        >>> translate("Au commencement était la Parole.")  # doctest: +SKIP
+        'In the beginning was the Word.'
+    """
+    from rlkd_onpolicy.models import load_model_and_tokenizer
+
+    folder = Path(folder)
+    settings_file = folder / "translation.json"
+    if not settings_file.is_file():
+        raise FileNotFoundError(
+            f"{settings_file} is missing: load_translator reads folders written by examples/distill_translation.py "
+            "(a saved model plus translation.json with 'src', 'tgt' and 'instruction_role'). For another model, "
+            "call translate(model, tokenizer, text, src, tgt) directly."
+        )
+    settings = json.loads(settings_file.read_text())
+    model, tokenizer = load_model_and_tokenizer(str(folder.resolve()))
+
+    def translator(texts: str | Sequence[str]) -> str | list[str]:
+        return translate(model, tokenizer, texts, settings["src"], settings["tgt"],
+                         instruction_role=settings.get("instruction_role", "user"), **generation)  # fmt: skip
+
+    return translator
 
 
 def bleu_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -104,3 +104,26 @@ def test_kl_own_is_the_kl_on_the_models_own_translations(tokenizer, pairs):
     # an empty translation still scores its end-of-turn token: finite, never NaN
     empty = teacher_forced_agreement(student, teacher, tokenizer, [{**pairs[0], "tgt": ""}], "en", "fr")
     assert empty["tokens"] >= 1 and math.isfinite(empty["kl"])
+
+
+def test_load_translator_prompts_a_saved_student_as_it_was_trained(tokenizer, pairs, tmp_path):
+    """A folder as the example saves a distilled student: load_translator reads its languages and prompt format and
+    gives the same greedy translations as generate_translations with those settings."""
+    import json
+
+    from rlkd_onpolicy.eval import load_translator, translate
+
+    model = tiny_model(3)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "translation.json").write_text(json.dumps({"src": "en", "tgt": "fr", "instruction_role": "system"}))
+    translator = load_translator(tmp_path, max_new_tokens=6)
+    expected = generate_translations(model, tokenizer, pairs[:2], "en", "fr", max_new_tokens=6,
+                                     instruction_role="system")  # fmt: skip
+    assert translator([p["src"] for p in pairs[:2]]) == expected
+    assert translator(pairs[0]["src"]) == expected[0]  # one text in, one string out
+    assert translate(model, tokenizer, pairs[0]["src"], "en", "fr", instruction_role="system",
+                     max_new_tokens=6) == expected[0]  # fmt: skip
+    (tmp_path / "translation.json").unlink()
+    with pytest.raises(FileNotFoundError, match="translation.json is missing"):
+        load_translator(tmp_path)
