@@ -306,18 +306,25 @@ class RLKDTrainer(Trainer):
 
     # -- evaluation: the same rollout + loss on the eval set, from a generator reset at every evaluation -------
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._evaluating = True  # until after Trainer logs the returned metrics, so `log` adds no training ones
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._evaluating = False
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
         # Here, not in `evaluate`, so that `predict` evaluates the same way; the distillation metrics join the
         # returned ones, so that evaluate() returns them and metric_for_best_model can name them (eval_mor@5).
         self._eval_generator = self._new_eval_generator()
-        self._evaluating = True
+        evaluating, self._evaluating = self._evaluating, True
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
             averaged = self._averaged_metrics("eval")
         finally:
-            self._evaluating = False
+            self._evaluating = evaluating
         output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in averaged.items()})
         return output
 

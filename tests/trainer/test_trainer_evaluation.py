@@ -27,10 +27,15 @@ def test_evaluate_returns_every_metric_and_the_best_model_can_be_chosen_by_one(t
     """Issue 15, defect 2: evaluate() returned only eval_loss (the other metrics reached log_history only), so
     metric_for_best_model="eval_mor@5" raised KeyError at the first evaluation."""
     trainer = _trainer(tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
-                       load_best_model_at_end=True, metric_for_best_model="eval_mor@5", greater_is_better=True)
+                       load_best_model_at_end=True, metric_for_best_model="eval_mor@5", greater_is_better=True,
+                       logging_steps=2, nonfinite_policy="skip")
     trainer.train()
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     assert len(evals) == 3
+    # an evaluation between two training logs keeps the training metrics out of its entry, and in theirs
+    assert not any(key in e for e in evals for key in ("kd_loss", "mor@5", "nonfinite_skipped_steps"))
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == [2] and "kd_loss" in logged[0] and "mor@5" in logged[0]
     assert trainer.state.best_metric == max(e["eval_mor@5"] for e in evals)
     best_step = max(evals, key=lambda e: e["eval_mor@5"])["step"]  # the first of equal values wins, as max does
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
