@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import statistics
 import sys
 import time
 import typing
@@ -97,6 +96,9 @@ class ExampleConfig:
     output_dir: str = field(default="runs/translation", metadata={"help": "Where results and plots go."})
     artifacts_dir: str = field(default="artifacts", metadata={"help": "Where fine-tuned teachers are cached."})
     skip_distill: bool = field(default=False, metadata={"help": "Stop after evaluating the student before KD."})
+    save_students: bool = field(
+        default=True, metadata={"help": "Save each distilled student (first seed) in <output_dir>/students/."}
+    )
 
     def __post_init__(self):
         for name in ("teacher_sft_steps", "student_sft_steps", "distill_steps"):
@@ -183,6 +185,10 @@ def parse_args(argv: list[str] | None = None) -> ExampleConfig:
 
 def _cli_type(annotation):
     """`int`, `float`, `int | None`, ... -> a parser; "none" gives None where the field allows it."""
+    if annotation is bool:
+        return lambda text: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[
+            text.lower()
+        ]
     options = typing.get_args(annotation) or (annotation,)
     kind = next((t for t in (int, float) if t in options), str)
     if type(None) not in options:
@@ -321,11 +327,17 @@ def make_curve_callback(teacher, tokenizer, dev: list[dict], cfg: ExampleConfig,
     from rlkd_onpolicy.eval import teacher_forced_agreement
 
     class Curve(TrainerCallback):
+        def measure(self, step: int, model) -> None:
+            metrics = teacher_forced_agreement(model, teacher, tokenizer, dev, cfg.src, cfg.tgt, batch_size=8,
+                                               instruction_role=cfg.instruction_role)  # fmt: skip
+            points.append({"step": step} | metrics)
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.measure(0, model)
+
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % cfg.curve_every == 0 or state.global_step == state.max_steps:
-                metrics = teacher_forced_agreement(model, teacher, tokenizer, dev, cfg.src, cfg.tgt, batch_size=8,
-                                                   instruction_role=cfg.instruction_role)  # fmt: skip
-                points.append({"step": state.global_step} | metrics)
+                self.measure(state.global_step, model)
 
     return Curve()
 
@@ -425,55 +437,176 @@ def evaluate(model, tokenizer, test, cfg: ExampleConfig, teacher=None) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Mean and (with several seeds) standard deviation of each metric over runs of one method."""
-    summary = {}
+    """Mean of each metric over the runs (seeds) of one method and, with several seeds, the half-width of its 95 %
+    Student's t interval (`<key>_ci`)."""
+    from rlkd_onpolicy.eval.stats import mean_interval
+
+    summary: dict = {"seeds": len(runs)}
     for key, *_ in COLUMNS:
-        values = [r[key] for r in runs if isinstance(r.get(key), int | float) and not math.isnan(r[key])]
+        values = [r[key] for r in runs if _number(r, key)]
         if values:
-            summary[key] = statistics.fmean(values)
-            summary[key + "_std"] = statistics.stdev(values) if len(values) > 1 else None
+            interval = mean_interval(values)
+            summary[key] = interval.mean
+            summary[key + "_ci"] = interval.half_width if interval.n > 1 else None
     return summary
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
+    """One row per model; with several seeds, `mean ± half-width of the 95 % interval`."""
     lines = ["| model | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in rows.items():
         cells = []
         for key, _, scale, digits in COLUMNS:
-            value, std = row.get(key), row.get(key + "_std")
+            value, half = row.get(key), row.get(key + "_ci")
             if value is None:
                 cells.append("")
             else:
                 text = f"{value * scale:.{digits}f}"
-                cells.append(text + (f" ± {std * scale:.{digits}f}" if std is not None else ""))
+                cells.append(text + (f" ± {half * scale:.{digits}f}" if half is not None else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_curves(curves: dict[str, dict], path: Path) -> None:
+# Metrics of the paired comparison: (key, title, scale, decimals, higher is better).
+COMPARED = [("bleu", "BLEU", 1, 2, True), ("chrf", "chrF", 1, 2, True), ("mor@5", "MOR@5 %", 100, 2, True),
+            ("kl", "KL(t‖s)", 1, 3, False), ("kl_own", "KL own", 1, 3, False)]  # fmt: skip
+
+
+def _number(row: dict, key: str) -> bool:
+    return isinstance(row.get(key), int | float) and not math.isnan(row[key])
+
+
+def baselines(methods: list[tuple[str, str, float]]) -> list[tuple[str, str]]:
+    """(method, baseline) pairs to compare: a rank weight > 0 against the same mode without the ranking loss (RLKD's
+    claim); every other mode against off-policy KD, i.e. supervised KD (GKD's and SKD's claims); every
+    distillation against the SFT baseline (what the teacher adds)."""
+    names = {(mode, weight): name for name, mode, weight in methods}
+    pairs = []
+    for name, mode, weight in methods:
+        if mode == SFT_BASELINE:
+            continue
+        if weight > 0 and (mode, 0.0) in names:
+            pairs.append((name, names[(mode, 0.0)]))
+        if mode != "off_policy" and ("off_policy", weight) in names:
+            pairs.append((name, names[("off_policy", weight)]))
+        if (SFT_BASELINE, 0.0) in names:
+            pairs.append((name, names[(SFT_BASELINE, 0.0)]))
+    return pairs
+
+
+def paired_table(runs: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> str:
+    """Per (method, baseline): the mean over seeds of method − baseline, runs paired by seed (same data order and
+    initial student), with its 95 % t interval, and in words: better / worse / no difference measured."""
+    from rlkd_onpolicy.eval.stats import paired_difference, verdict
+
+    header = "| method − baseline | seeds | " + " | ".join(f"Δ {c[1]}" for c in COMPARED) + " |"
+    lines = [header, "|---" * (len(COMPARED) + 2) + "|"]
+    for name, base in pairs:
+        if name not in runs or base not in runs:
+            continue
+        by_seed = {r["seed"]: r for r in runs[base]}
+        paired = [(r, by_seed[r["seed"]]) for r in runs[name] if r["seed"] in by_seed]
+        cells = []
+        for key, _, scale, digits, higher in COMPARED:
+            values = [(m[key], b[key]) for m, b in paired if _number(m, key) and _number(b, key)]
+            if not values:
+                cells.append("")
+                continue
+            diff = paired_difference([m for m, _ in values], [b for _, b in values])
+            text = f"{diff.mean * scale:+.{digits}f}"
+            if diff.n > 1:
+                text += f" [{diff.low * scale:+.{digits}f}, {diff.high * scale:+.{digits}f}]"
+            cells.append(f"{text} {verdict(diff, higher)}")
+        lines.append(f"| {name} − {base} | {len(paired)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
+    """Dev MOR@5 and dev KL against steps, one line per method: the mean over seeds, with a band of the 95 %
+    interval where several seeds ran."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on a server
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_mor) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, curve in curves.items():
-        if curve["loss"]:
-            ax_loss.plot(*zip(*curve["loss"], strict=True), label=name)
-        points = [(p["step"], 100 * p["mor@5"]) for p in curve["dev"] if "mor@5" in p]
-        if points:
-            ax_mor.plot(*zip(*points, strict=True), marker="o", label=name)
-    ax_loss.set(xlabel="step", ylabel="training loss", title="distillation loss")
-    ax_mor.set(xlabel="step", ylabel="MOR@5 vs teacher (dev, %)", title="top-5 overlap with the teacher")
-    for ax in (ax_loss, ax_mor):
+    from rlkd_onpolicy.eval.stats import mean_interval
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, seeds in curves.items():
+        for ax, key, scale in ((axes[0], "mor@5", 100), (axes[1], "kl", 1)):
+            by_step: dict[int, list[float]] = {}
+            for points in seeds:
+                for point in points:
+                    if key in point:
+                        by_step.setdefault(point["step"], []).append(point[key] * scale)
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            intervals = [mean_interval(by_step[step]) for step in steps]
+            (line,) = ax.plot(steps, [i.mean for i in intervals], marker="o", markersize=3, label=name)
+            if all(i.n > 1 for i in intervals):
+                ax.fill_between(steps, [i.low for i in intervals], [i.high for i in intervals],
+                                color=line.get_color(), alpha=0.2)  # fmt: skip
+    axes[0].set(xlabel="step", ylabel="MOR@5 vs teacher (dev, %)", title="top-5 overlap with the teacher")
+    axes[1].set(xlabel="step", ylabel="KL(teacher ‖ student), dev", title="teacher-forced KL")
+    for ax in axes:
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------------ main
+# Seconds on 2 idle CPU cores (measured; docs/example_translation.md), for the estimates printed before each stage.
+# A model's cost is counted in "layer units": its decoder layers plus the output layer, which for SmolLM2 (576 ->
+# 49,152) costs about as much as 8 decoder layers.
+SECONDS = {"sft_step": 0.17, "distill_step": 0.12, "eval_verse": 0.033}  # per layer unit, batch 8 / per verse
+HEAD_UNITS = 8
+
+
+def layer_units(layers: int) -> int:
+    return layers + HEAD_UNITS
+
+
+def announce(stage: str, what: str, seconds: float | None = None) -> None:
+    """One line before a long stage: what it does and roughly how long it takes here."""
+    eta = "" if seconds is None else f" (about {_duration(seconds)} on 2 CPU cores)"
+    print(f"[{stage}] {what}{eta}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in name).strip("-")
+
+
+def cached_evaluation(folder: Path | None, key: dict, run):
+    """`run()`'s result, kept in `folder/eval-<hash of key>.json`: a model that did not change (a cached teacher or
+    student) is evaluated once per evaluation setting, so a second run of the example skips it."""
+    if folder is None:
+        return run()
+    file = folder / f"eval-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}.json"
+    if file.is_file():
+        print(f"[eval] from {file} (same model, same evaluation settings)")
+        return json.loads(file.read_text())
+    result = run()
+    folder.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def save_student(model, tokenizer, folder: Path, cfg: ExampleConfig) -> None:
+    """`save_pretrained` of the distilled student and its tokenizer, plus `translation.json` (languages and prompt
+    format) so that `rlkd_onpolicy.eval.load_translator(folder)` prompts it as it was trained."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "translation.json").write_text(json.dumps(
+        {"src": cfg.src, "tgt": cfg.tgt, "instruction_role": cfg.instruction_role}, indent=1))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     import torch
@@ -484,9 +617,10 @@ def main(argv: list[str] | None = None) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     # Everything that can be wrong with the input fails here, before any training.
     start = time.perf_counter()
-    if not cfg.skip_distill:
+    methods = [] if cfg.skip_distill else method_names(cfg)
+    if methods:
         check_distillation_available()
-        for _, mode, weight in method_names(cfg):
+        for _, mode, weight in methods:
             if mode != SFT_BASELINE:
                 rlkd_config(cfg, sampling_mode=mode, rank_weight=weight, seed=cfg.seeds[0], output_dir=output)
     data = load_data(cfg)
@@ -495,6 +629,27 @@ def main(argv: list[str] | None = None) -> dict:
     student_base = None
     if cfg.student is not None:
         student_base, _ = load_model_and_tokenizer(cfg.student)
+    teacher_units = 30 + HEAD_UNITS  # SmolLM2-135M; refined once the teacher is loaded
+    student_units = layer_units(cfg.student_layers)
+    teacher_folder = Path(cfg.artifacts_dir) / f"teacher-{cfg.teacher_key()}"
+    student_folder = Path(cfg.artifacts_dir) / f"student-{cfg.student_key()}"
+    eval_seconds = SECONDS["eval_verse"] * len(data["test"])
+    plan = [
+        ("teacher SFT", 0.0 if (teacher_folder / "sft.json").is_file() or not cfg.teacher_sft_steps
+         else cfg.teacher_sft_steps * SECONDS["sft_step"] * teacher_units),
+        ("student SFT", 0.0 if (student_folder / "sft.json").is_file() or not cfg.student_sft_steps
+         else cfg.student_sft_steps * SECONDS["sft_step"] * student_units),
+        (f"{len(methods)} method(s) x {len(cfg.seeds)} seed(s)",
+         len(methods) * len(cfg.seeds) * cfg.distill_steps * SECONDS["distill_step"] * (teacher_units + student_units)
+         * cfg.batch_size / 8),
+        ("evaluations", eval_seconds * (teacher_units + 3 * student_units) * (2 + len(methods) * len(cfg.seeds)) / 8),
+    ]  # fmt: skip
+    print("[plan] " + "; ".join(f"{what} ~{_duration(sec)}" for what, sec in plan if sec)
+          + f"; in all about {_duration(sum(sec for _, sec in plan))} on 2 CPU cores")  # fmt: skip
+
+    if cfg.teacher_sft_steps and not (teacher_folder / "sft.json").is_file():
+        announce("teacher", f"first run: fine-tuning the teacher for {cfg.teacher_sft_steps} steps, then caching it "
+                 f"in {teacher_folder}", plan[0][1])  # fmt: skip
     teacher, tokenizer, sft_info = get_teacher(cfg, data["train"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher.to(device).eval()
@@ -507,64 +662,103 @@ def main(argv: list[str] | None = None) -> dict:
         )
     student_sft_info = None
     if cfg.student_sft_steps:  # GKD's recipe: distil a supervised student, cached like the teacher
-        folder = Path(cfg.artifacts_dir) / f"student-{cfg.student_key()}"
+        if not (student_folder / "sft.json").is_file():
+            announce("student", f"first run: fine-tuning the student for {cfg.student_sft_steps} steps (its warm "
+                     f"start), then caching it in {student_folder}", plan[1][1])  # fmt: skip
         student_base, _, student_sft_info = cached_sft(
-            "student", folder, lambda: (student_base, tokenizer), data["train"], cfg,
+            "student", student_folder, lambda: (student_base, tokenizer), data["train"], cfg,
             steps=cfg.student_sft_steps, lr=cfg.student_lr,
         )  # fmt: skip
     student_base.to(device).eval()
     n_params = sum(p.numel() for p in student_base.parameters())
-    print(f"[student] {n_params / 1e6:.1f}M parameters, {student_base.config.num_hidden_layers} layers")
+    t_params = sum(p.numel() for p in teacher.parameters())
+    print(f"[student] {n_params / 1e6:.1f}M parameters, {student_base.config.num_hidden_layers} layers "
+          f"(teacher {t_params / 1e6:.1f}M, {teacher.config.num_hidden_layers} layers: {t_params / n_params:.2f}x "
+          "smaller)")  # fmt: skip
 
-    rows, curves = {}, {}
-    results = {"config": dataclasses.asdict(cfg), "teacher_sft": sft_info, "student_sft": student_sft_info}
+    rows: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
+    curves: dict[str, list[list[dict]]] = {}
+    results = {"config": dataclasses.asdict(cfg), "teacher_sft": sft_info, "student_sft": student_sft_info,
+               "student_parameters": n_params, "teacher_parameters": t_params}  # fmt: skip
+    eval_key = {k: getattr(cfg, k) for k in ("dataset", "src", "tgt", "test_split", "test_limit", "max_chars",
+                                              "eval_batch_size", "eval_max_new_tokens", "instruction_role")}
     teacher_name = "teacher (SFT)" if cfg.teacher_sft_steps else "teacher"
-    print("[eval] teacher")
-    rows[teacher_name] = evaluate(teacher, tokenizer, data["test"], cfg) | {"train_seconds": sft_info.get("seconds")}
-    print("[eval] student before distillation")
-    rows["student before"] = evaluate(student_base, tokenizer, data["test"], cfg, teacher=teacher)
+    announce("eval", f"teacher on {len(data['test'])} test verses", eval_seconds * teacher_units / 8)
+    rows[teacher_name] = cached_evaluation(
+        teacher_folder if cfg.teacher_sft_steps else None, eval_key | {"model": "teacher"},
+        lambda: evaluate(teacher, tokenizer, data["test"], cfg),
+    ) | {"train_seconds": sft_info.get("seconds")}  # fmt: skip
+    announce("eval", "student before distillation", eval_seconds * (teacher_units + 3 * student_units) / 8)
+    before_folder = student_folder if student_sft_info is not None else (
+        teacher_folder if cfg.teacher_sft_steps and cfg.student is None else None)  # fmt: skip
+    rows["student before"] = cached_evaluation(
+        before_folder, eval_key | {"model": "student", "student": cfg.student_key()},
+        lambda: evaluate(student_base, tokenizer, data["test"], cfg, teacher=teacher),
+    )  # fmt: skip
     if student_sft_info is not None:  # the "train s" of this row is the student's SFT (from the run that made it)
         rows["student before"]["train_seconds"] = student_sft_info["seconds"]
 
-    if not cfg.skip_distill:
-        train = as_dataset(data["train"], cfg)
-        for name, mode, weight in method_names(cfg):
-            runs = []
+    saved = []
+    if methods:
+        # Every method trains on the same pairs (one epoch of steps x batch distinct pairs, spread over every book),
+        # in the order its seed gives: runs with the same seed are paired (same data order, same initial student).
+        pairs = evenly_spaced(data["train"], cfg.distill_steps * cfg.batch_size)
+        train = as_dataset(pairs, cfg)
+        per_run = plan[2][1] / max(len(methods) * len(cfg.seeds), 1)
+        for name, mode, weight in methods:
             for seed in cfg.seeds:
-                print(f"[distill] {name} seed {seed}")
+                announce("distill", f"{name}, seed {seed}: {cfg.distill_steps} steps x {cfg.batch_size}",
+                         per_run * (2.5 if mode == "speculative" else 0.6 if mode in ("off_policy", "sft") else 1))
                 torch.manual_seed(seed)
                 student = copy.deepcopy(student_base)
                 dev_points: list[dict] = []
                 callback = make_curve_callback(teacher, tokenizer, data["dev"], cfg, dev_points)
                 t0 = time.perf_counter()
-                history = distill(student, teacher, tokenizer, data["train"] if mode == SFT_BASELINE else train, cfg,
+                history = distill(student, teacher, tokenizer, pairs if mode == SFT_BASELINE else train, cfg,
                                   sampling_mode=mode, rank_weight=weight, seed=seed,
                                   output_dir=output / "checkpoints", callbacks=[callback])  # fmt: skip
                 seconds = time.perf_counter() - t0
+                announce("eval", f"{name}, seed {seed}", eval_seconds * (teacher_units + 3 * student_units) / 8)
                 run = evaluate(student.eval(), tokenizer, data["test"], cfg, teacher=teacher)
-                runs.append(run | {"train_seconds": seconds, "seed": seed})
-                if seed == cfg.seeds[0]:
-                    loss = [(h["step"], h["loss"]) for h in history if "loss" in h]
-                    curves[name] = {"loss": loss, "dev": dev_points}
-            rows[name] = summarise(runs) if len(runs) > 1 else runs[0]
-            results.setdefault("runs", {})[name] = runs
-            write_results(output, rows, results | {"curves": curves, "partial": True})  # a long run keeps its rows
+                loss = [(h["step"], h["loss"]) for h in history if "loss" in h]
+                runs.setdefault(name, []).append(run | {"train_seconds": seconds, "seed": seed, "loss": loss,
+                                                        "dev": dev_points})  # fmt: skip
+                curves.setdefault(name, []).append(dev_points)
+                if cfg.save_students and seed == cfg.seeds[0]:
+                    folder = output / "students" / _slug(name)
+                    save_student(student, tokenizer, folder, cfg)
+                    saved.append(folder)
+                del student
+            rows[name] = summarise(runs[name]) if len(runs[name]) > 1 else dict(runs[name][0])
+            write_results(output, rows, runs, methods, results | {"partial": True})  # a long run keeps its rows
         plot_curves(curves, output / "curves.png")
 
-    results |= {"curves": curves, "total_seconds": time.perf_counter() - start}
-    table = write_results(output, rows, results)
+    results["total_seconds"] = time.perf_counter() - start
+    table = write_results(output, rows, runs, methods, results)
     print(table)
-    print(f"[done] {time.perf_counter() - start:.0f} s; results in {output}/results.md, results.json"
-          + ("" if cfg.skip_distill else ", curves.png"))  # fmt: skip
-    return results
+    print(f"[done] {_duration(results['total_seconds'])}; results in {output}/results.md and results.json"
+          + ("" if not methods else f", plots in {output}/curves.png"))  # fmt: skip
+    for folder in saved:
+        print(f"[done] distilled student saved in {folder} (load it with "
+              f"rlkd_onpolicy.eval.load_translator('{folder}'))")  # fmt: skip
+    return results | {"rows": rows, "runs": runs}
 
 
-def write_results(output: Path, rows: dict, results: dict) -> str:
-    """results.md (the table) and results.json (settings, rows, runs, curves); returns the table."""
-    table = markdown_table(rows)
-    (output / "results.md").write_text(table + "\n")
-    (output / "results.json").write_text(json.dumps(results | {"rows": rows}, indent=1, default=str))
-    return table
+def write_results(output: Path, rows: dict, runs: dict, methods: list, results: dict) -> str:
+    """results.md (the table and, with several seeds, the paired differences) and results.json (settings, rows,
+    every run with its curves); returns the markdown."""
+    text = markdown_table(rows)
+    pairs = baselines(methods)
+    if pairs and any(name in runs for name, _ in pairs):
+        seeds = max(len(v) for v in runs.values())
+        text += ("\n\nPaired differences (method − baseline, runs paired by seed; mean [95 % t interval]; better / "
+                 "worse / no difference measured; KL: lower is better):\n\n" + paired_table(runs, pairs))  # fmt: skip
+        if seeds < 2:
+            text += "\n\n(One seed: differences are not tested; run --seed 0 1 2 for intervals.)"
+    (output / "results.md").write_text(text + "\n")
+    (output / "results.json").write_text(json.dumps(results | {"rows": rows, "runs": runs}, indent=1, default=str))
+    return text
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     # the teacher: zero-shot and after SFT, per direction, BLEU/chrF on John at several points of one SFT run
     .venv/bin/python examples/translation_study.py teacher --pairs en-fr fr-en es-en --steps 150 --eval-at 50 100 150
+    # students: depth x SFT warm start, each distilled and beside the SFT baseline (same steps, batch, lr)
+    .venv/bin/python examples/translation_study.py student --pair fr-en --layers 10 12 15 --warm-steps 0 60
 
 Each measurement is appended to `--out` (JSON lines) as soon as it is made, so a long study keeps what it measured.
 The settings not given here are the example's defaults (`ExampleConfig`), so a row reproduces with the example's flags.
@@ -45,6 +47,7 @@ def _teacher_direction(args, ex, src: str, tgt: str) -> None:
     from rlkd_onpolicy.models import load_model_and_tokenizer
 
     cfg = ex.ExampleConfig(src=src, tgt=tgt, test_limit=args.test_limit, teacher_lr=args.lr,
+                           teacher_sft_steps=args.steps, artifacts_dir=str(args.artifacts_dir),
                            max_chars=args.max_chars, instruction_role=args.instruction_role,
                            sft_batch_size=args.batch_size, eval_max_new_tokens=args.max_new_tokens)  # fmt: skip
     data = ex.load_data(cfg)
@@ -74,7 +77,46 @@ def _teacher_direction(args, ex, src: str, tgt: str) -> None:
 
     info = ex.sft(model, tokenizer, data["train"], cfg, args.out.parent / "sft", steps=args.steps, lr=args.lr,
                   callbacks=[EvalAt()])  # fmt: skip
-    measure(args.steps, info["seconds"] - eval_seconds[0])
+    info["seconds"] -= eval_seconds[0]
+    measure(args.steps, info["seconds"])
+    # Saved where the example looks for this teacher (same settings, same key): later runs start from it.
+    folder = Path(cfg.artifacts_dir) / f"teacher-{cfg.teacher_key()}"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "sft.json").write_text(json.dumps(info | {"settings": ex.dataclasses.asdict(cfg)}, indent=1))
+    print(f"[teacher] saved to {folder}")
+
+
+def student_study(args) -> None:
+    """For each (student layers, warm-start SFT steps): the example with those flags, every requested method (the
+    SFT baseline included), one row per method with the gain over the student before distillation."""
+    ex = _example()
+    for layers in args.layers:
+        for warm in args.warm_steps:
+            name = f"{args.pair}-L{layers}-W{warm}"
+            flags = ["--src", args.pair.split("-")[0], "--tgt", args.pair.split("-")[1],
+                     "--student-layers", str(layers), "--student-sft-steps", str(warm),
+                     "--teacher-sft-steps", str(args.teacher_steps), "--teacher-lr", str(args.teacher_lr),
+                     "--distill-steps", str(args.distill_steps), "--test-limit", str(args.test_limit),
+                     "--sampling-mode", *args.modes, "--rank-weight", "0", "--seed", *map(str, args.seeds),
+                     "--save-students", "false", "--artifacts-dir", str(args.artifacts_dir),
+                     "--output-dir", str(args.out.parent / name), *args.extra]  # fmt: skip
+            print("[study]", " ".join(flags), flush=True)
+            results = ex.main(flags)
+            before = results["rows"]["student before"]
+            warm_seconds = (results["student_sft"] or {}).get("seconds", 0.0)
+            for method, row in results["rows"].items():
+                if method.startswith("teacher"):
+                    continue
+                seconds = row.get("train_seconds") or 0.0
+                _append(args.out, {
+                    "study": "student", "pair": args.pair, "layers": layers, "warm_steps": warm, "method": method,
+                    "parameters": results["student_parameters"], "teacher_parameters": results["teacher_parameters"],
+                    "warm_seconds": warm_seconds, "train_seconds": seconds if method != "student before" else 0.0,
+                    **{k: row.get(k) for k in ("bleu", "chrf", "kl", "kl_own", "mor@5", "cr@1")},
+                    "bleu_gain": None if method == "student before" else row["bleu"] - before["bleu"],
+                    "flags": flags,
+                })  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -91,9 +133,21 @@ def main(argv=None) -> None:
     teacher.add_argument("--test-limit", type=int, default=100)
     teacher.add_argument("--max-new-tokens", type=int, default=96)
     teacher.add_argument("--no-zero-shot", dest="zero_shot", action="store_false")
+    student = sub.add_parser("student", help="Students: depth x warm start, distillation vs the SFT baseline.")
+    student.add_argument("--pair", default="fr-en")
+    student.add_argument("--layers", type=int, nargs="+", default=[10, 12, 15])
+    student.add_argument("--warm-steps", type=int, nargs="+", default=[0, 60])
+    student.add_argument("--teacher-steps", type=int, default=120)
+    student.add_argument("--teacher-lr", type=float, default=3e-4)
+    student.add_argument("--distill-steps", type=int, default=40)
+    student.add_argument("--test-limit", type=int, default=100)
+    student.add_argument("--modes", nargs="+", default=["sft", "off_policy", "on_policy"])
+    student.add_argument("--seeds", type=int, nargs="+", default=[0])
+    student.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More flags for the example.")
     parser.add_argument("--out", type=Path, default=Path("runs/study/study.jsonl"))
+    parser.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
     args = parser.parse_args(argv)
-    {"teacher": teacher_study}[args.study](args)
+    {"teacher": teacher_study, "student": student_study}[args.study](args)
 
 
 if __name__ == "__main__":

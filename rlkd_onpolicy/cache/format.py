@@ -15,6 +15,7 @@ A shard holds, for its n examples with sequence lengths L_i and completion lengt
     topk_ids             (ΣC_i, K) int32    teacher's top-K ids at the positions predicting the completion tokens
     topk_logprobs        (ΣC_i, K) dtype    their log-probs over the full vocabulary at `temperature`
     tail_logprob         (ΣC_i,)   float32  log of the teacher mass outside the top-K
+    example_hash         (n, 16)   uint8    `example_hash(input_ids, completion_start)` of each example (version 2)
 
 Shards and the manifest are written to a temporary file, fsynced and renamed, so a crash leaves only complete
 shards; a shard is listed in the manifest only after its rename, so a shard that is not listed is ignored
@@ -26,11 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-example hashes of the token ids, so a trainer checks its dataset against them
+HASH_BYTES = 16
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Unit roundoff (half the spacing at 1.0) of each storage dtype: a stored log-prob x̂ of x obeys
@@ -96,9 +100,11 @@ class CacheHeader:
     def from_dict(cls, data: dict) -> CacheHeader:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
+            why = (" (version 1 stores no per-example hashes, which the trainer needs to check that its dataset is "
+                   "the one the cache was built from)" if version == 1 else "")
             raise ValueError(
-                f"Cache format_version={version} is not the version this library reads ({FORMAT_VERSION}); "
-                "rebuild the cache with `python -m rlkd_onpolicy.cache build`."
+                f"Cache format_version={version} is not the version this library reads ({FORMAT_VERSION}){why}; "
+                "rebuild the cache with `python -m rlkd_onpolicy.cache build` into a new folder."
             )
         names = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in names})
@@ -114,6 +120,21 @@ class CacheHeader:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def example_hash(input_ids: Sequence[int], completion_start: int) -> bytes:
+    """The first 16 bytes of SHA-256 over an example's completion start and token ids (int64, little endian).
+
+    Stored per example, so that a trainer can check cheaply, before any work, that each example of its dataset
+    tokenises to the sequence the cache holds (an edited, shuffled or differently truncated dataset does not).
+    """
+    data = struct.pack(f"<{len(input_ids) + 1}q", completion_start, *input_ids)
+    return hashlib.sha256(data).digest()[:HASH_BYTES]
+
+
+def example_hashes_tensor(hashes: Sequence[bytes]) -> torch.Tensor:
+    """`(n, 16) uint8` from n hashes, the shard layout."""
+    return torch.frombuffer(bytearray(b"".join(hashes)), dtype=torch.uint8).reshape(len(hashes), HASH_BYTES)
 
 
 def atomic_write(path: str, data: bytes) -> None:

@@ -5,12 +5,22 @@ from __future__ import annotations
 import bisect
 import math
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load
 
-from rlkd_onpolicy.cache.format import CacheHeader, read_manifest, sha256_bytes, tokenizer_hash
+from rlkd_onpolicy.cache.format import (
+    HASH_BYTES,
+    CacheHeader,
+    example_hash,
+    read_manifest,
+    sha256_bytes,
+    tokenizer_hash,
+)
+from rlkd_onpolicy.data.prompt_completion import TokenizedExample
 
 
 class TeacherCache:
@@ -117,9 +127,77 @@ class TeacherCache:
                 and tensors["tail_logprob"].shape == (completions,)
                 and (tensors["topk_ids"] >= 0).all()
                 and (tensors["topk_ids"] < self.header.vocab_size).all()
+                and tensors.get("example_hash", torch.empty(0)).shape == (len(starts), HASH_BYTES)
             )
+            if ok:  # each stored hash is that of the stored ids, so the hashes can stand for them
+                ids = tensors["input_ids"].tolist()
+                ok = all(
+                    bytes(tensors["example_hash"][i].tolist())
+                    == example_hash(ids[int(offsets[i]) : int(offsets[i + 1])], int(starts[i]))
+                    for i in range(len(starts))
+                )
             if not ok:
                 raise ValueError(f"Shard {entry['file']} is inconsistent with the manifest or the header.")
+
+    def example_hashes(self) -> list[bytes]:
+        """`example_hash` of every cached example, in order, read from the shards without their top-K data."""
+        hashes = []
+        for entry in self.shards:
+            with safe_open(os.path.join(self.path, entry["file"]), framework="pt") as shard:
+                hashes.extend(bytes(row) for row in shard.get_tensor("example_hash").tolist())
+        return hashes
+
+    def check_examples(
+        self,
+        examples: Iterable[TokenizedExample],
+        *,
+        max_length: int | None,
+        max_prompt_length: int | None,
+        name: str = "train_dataset",
+        tokenizer=None,
+    ) -> None:
+        """Raise a ValueError unless every example, tokenised as the trainer does, is the cache's entry of its index.
+
+        Compares per-example hashes, so the whole dataset is checked before any work. On a difference the message
+        says how many examples differ and, for the first, how: found at another index of the cache (the dataset was
+        reordered or shuffled), or edited (its first differing token, decoded with `tokenizer` when given); the
+        trainer's `max_length` / `max_prompt_length` (the examples' truncation) are named when they are not the
+        cache's.
+        """
+        examples = list(examples)
+        cached = self.example_hashes()
+        if len(examples) != len(cached):
+            raise ValueError(f"The cache at {self.path} holds {len(cached)} examples but {name} has {len(examples)}: "
+                             "build it from this dataset.")
+        ours = [example_hash(e.input_ids, e.completion_start) for e in examples]
+        differ = [i for i, (a, b) in enumerate(zip(ours, cached, strict=True)) if a != b]
+        if not differ:
+            return
+        first = differ[0]
+        where = {h: i for i, h in reversed(list(enumerate(cached)))}  # first cache index of each hash
+        moved = [i for i in differ if ours[i] in where]
+        settings = [f"{key}={mine} (the cache's {theirs})"
+                    for key, mine, theirs in (("max_length", max_length, self.header.max_length),
+                                              ("max_prompt_length", max_prompt_length, self.header.max_prompt_length))
+                    if mine != theirs]
+        if ours[first] in where:
+            how = (f"it is the cache's example {where[ours[first]]}, and {len(moved)} of the {len(differ)} differing "
+                   "examples are elsewhere in the cache: the dataset was reordered or shuffled after the cache was "
+                   "built")
+        else:
+            how = _describe_edit(examples[first], self[first], tokenizer)
+            how += "" if settings else " (the example was edited)"
+        counts = f"{len(differ)} of {len(examples)} examples of {name} tokenise differently from the cache's copies"
+        if settings:
+            raise ValueError(
+                f"The cache at {self.path} does not match the trainer's tokenisation: {counts} (first: example "
+                f"{first}; {how}), and the trainer tokenises with {', '.join(settings)}. Build the cache with the "
+                "trainer's max_length and max_prompt_length, or give the trainer the cache's."
+            )
+        raise ValueError(
+            f"The cache at {self.path} was built from another version of {name}: {counts} (first: example {first}; "
+            f"{how}). Build the cache from this dataset, or train on the dataset the cache was built from."
+        )
 
     def __getitem__(self, index: int) -> dict:
         if index < 0:
@@ -142,3 +220,24 @@ class TeacherCache:
             "topk_logprobs": tensors["topk_logprobs"][rows].float(),
             "tail_logprob": tensors["tail_logprob"][rows].float(),
         }
+
+
+def _describe_edit(example: TokenizedExample, entry: dict, tokenizer) -> str:
+    """How `example` differs from the cache `entry`: token counts and the first differing token of each part."""
+    start = entry["completion_start"]
+    cached = entry["input_ids"].tolist()
+
+    def token(ids: list[int], i: int) -> str:
+        if i >= len(ids):
+            return "its end"
+        return repr(tokenizer.decode([ids[i]])) if tokenizer is not None else f"id {ids[i]}"
+
+    parts = []
+    for part, mine, theirs in (("prompt", example.prompt_ids, cached[:start]),
+                               ("completion", example.completion_ids, cached[start:])):
+        if mine != theirs:
+            pairs = enumerate(zip(mine, theirs, strict=False))
+            i = next((i for i, (a, b) in pairs if a != b), min(len(mine), len(theirs)))
+            parts.append(f"its {part} has {len(mine)} tokens here and {len(theirs)} in the cache and first differs "
+                         f"at token {i}: {token(mine, i)} here, {token(theirs, i)} in the cache")
+    return "; ".join(parts)

@@ -14,13 +14,15 @@ from rlkd_onpolicy.cache.format import (
     STORAGE_DTYPES,
     CacheHeader,
     atomic_write,
+    example_hash,
+    example_hashes_tensor,
     read_manifest,
     sha256_bytes,
     shard_name,
     tokenizer_hash,
     write_manifest,
 )
-from rlkd_onpolicy.data import tokenize_example
+from rlkd_onpolicy.data import check_prompt_not_empty, tokenize_example
 from rlkd_onpolicy.losses.divergences import teacher_topk
 
 
@@ -38,6 +40,7 @@ def _encode_shard(
     """Run the teacher over tokenised examples and pack them into the shard tensors of format.py."""
     device = next(teacher.parameters()).device
     input_ids, offsets, starts, topk_ids, topk_logprobs, tails = [], [0], [], [], [], []
+    hashes = [example_hash(e.input_ids, e.completion_start) for e in examples]
     storage = STORAGE_DTYPES[dtype]
     for begin in range(0, len(examples), batch_size):
         batch = examples[begin : begin + batch_size]
@@ -70,6 +73,7 @@ def _encode_shard(
         "topk_ids": torch.cat(topk_ids).reshape(-1, k).contiguous(),
         "topk_logprobs": torch.cat(topk_logprobs).reshape(-1, k).contiguous(),
         "tail_logprob": torch.cat(tails).float().contiguous(),
+        "example_hash": example_hashes_tensor(hashes),
     }
 
 
@@ -152,14 +156,9 @@ def build_cache(
         first, last = index * shard_size, min((index + 1) * shard_size, len(dataset))
         examples = []
         for position in range(first, last):
-            example = tokenize_example(
-                tokenizer, dataset[position], max_length=max_length, max_prompt_length=max_prompt_length
-            )
-            if example.completion_start == 0 and example.completion_ids:
-                raise ValueError(
-                    f"Example {position} has an empty prompt, so its first completion token has no position "
-                    "predicting it; give it a prompt (or a tokenizer that adds BOS)."
-                )
+            row = dataset[position]
+            example = tokenize_example(tokenizer, row, max_length=max_length, max_prompt_length=max_prompt_length)
+            check_prompt_not_empty(example, position, "the dataset", row["prompt"])
             examples.append(example)
         tensors = _encode_shard(examples, teacher, pad_id, k, temperature, batch_size, dtype, len(tokenizer))
         data = save(tensors, metadata={"shard": str(index), "first_example": str(first)})

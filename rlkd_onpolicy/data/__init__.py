@@ -2,6 +2,7 @@
 
 from rlkd_onpolicy.data.prompt_completion import (
     TokenizedExample,
+    check_prompt_not_empty,
     collate_prompt_completion,
     tokenize_example,
     validate_prompt_completion_dataset,
@@ -9,6 +10,7 @@ from rlkd_onpolicy.data.prompt_completion import (
 
 __all__ = [
     "TokenizedExample",
+    "check_prompt_not_empty",
     "collate_prompt_completion",
     "tokenize_example",
     "validate_prompt_completion_dataset",

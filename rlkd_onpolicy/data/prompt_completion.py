@@ -82,6 +82,18 @@ def tokenize_example(
     return TokenizedExample(prompt_ids=list(prompt_ids), completion_ids=list(completion_ids))
 
 
+def check_prompt_not_empty(example: TokenizedExample, row: int, name: str, prompt: Any = None) -> None:
+    """Refuse an example whose prompt has no tokens: nothing predicts its first completion token, and generation
+    has nothing to start from. `row` and `name` ("train_dataset") say where it is; `prompt` is the raw value."""
+    if example.prompt_ids:
+        return
+    shown = "" if prompt is None else f" ({prompt!r:.60} tokenises to no tokens)"
+    raise ValueError(
+        f"{name} row {row} has an empty prompt{shown}: the first completion token has no position predicting it "
+        "and generation has nothing to continue. Give every example a prompt (or use a tokenizer that adds BOS)."
+    )
+
+
 def validate_prompt_completion_dataset(dataset, name: str = "train_dataset") -> None:
     """Fail before training on an empty dataset or one without the prompt/completion columns."""
     if dataset is None:

@@ -60,9 +60,28 @@ def soft_rank(values: torch.Tensor, regularization_strength: float = 1.0) -> tor
     n = values.shape[-1]
     scaled = values / regularization_strength
     ordered, perm = scaled.sort(dim=-1, descending=True)
+    ordered = _bounded_gaps(ordered)
     w = torch.arange(n, 0, -1, device=values.device, dtype=values.dtype)
     ranks_sorted = ordered - _isotonic_nonincreasing(ordered - w)
     return ranks_sorted.gather(-1, perm.argsort(dim=-1))
+
+
+def _bounded_gaps(ordered: torch.Tensor) -> torch.Tensor:
+    """Descending values `(..., n)` moved to start at 0 with every gap between neighbours cut to n: the same soft
+    ranks, but finite and small for any row of finite or ±inf values (teachers emit −inf, finfo.min, −1e30).
+
+    Why the ranks do not change: with y = s − w (s descending, w = n … 1), a gap s_m − s_{m+1} > n − 1 makes every
+    y above it exceed every y below it, so the isotonic regression splits there and each side's ranks depend only
+    on the differences within that side (the operator is shift invariant). Cutting such a gap to n keeps it > n − 1
+    and leaves the differences within each side as they were; equal values (−inf next to −inf) get a gap of 0.
+    Without this, −inf gives inf − inf = NaN, and huge finite values lose the ranks to cancellation in the
+    cumulative sums (finfo.min overflows them to −inf). The gradient is exact: zero across a cut gap, as the true
+    ranks are locally constant there.
+    """
+    n = ordered.shape[-1]
+    high, low = ordered[..., :-1], ordered[..., 1:]
+    gaps = torch.where(high == low, torch.zeros_like(high), high - low).clamp(max=n)
+    return torch.cat([ordered.new_zeros(ordered.shape[:-1] + (1,)), -gaps.cumsum(-1)], dim=-1)
 
 
 def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +209,9 @@ def sparse_teacher_values(
     """The teacher's log-probs at `ids (g, n)`, looked up in its top-K; `fill (g,)` where an id is not cached."""
     match = ids.unsqueeze(-1) == teacher_topk_ids.unsqueeze(-2)  # (g, n, K)
     found = match.any(-1)
-    value = (match.to(teacher_topk_logprobs.dtype) * teacher_topk_logprobs.unsqueeze(-2)).sum(-1)
+    # where, not match · logprobs: a −inf log-prob at a non-matching id would give 0 · −inf = NaN
+    cached = teacher_topk_logprobs.unsqueeze(-2)
+    value = torch.where(match, cached, torch.zeros_like(cached)).sum(-1)
     return torch.where(found, value, fill.unsqueeze(-1).expand_as(value))
 
 

@@ -132,6 +132,11 @@ class RLKDConfig(TrainingArguments):
                           "schedule unchanged) and count it in the logged nonfinite_skipped_steps. DeepSpeed: error "
                           "only (its optimizer step runs inside backward)."},
     )
+    nonfinite_max_consecutive_skips: int = field(
+        default=10,
+        metadata={"help": "nonfinite_policy='skip': stop with an error after this many consecutive skipped steps "
+                          "(≥ 1); a run whose every step is skipped stops at its last step, whatever this is."},
+    )
     # Our columns are prompt/completion strings, tokenised by the trainer: keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the prompt/completion columns."})
 
@@ -180,7 +185,7 @@ class RLKDConfig(TrainingArguments):
             fail("top_p", self.top_p, "it must be in (0, 1].")
         if self.rank_weight < 0:
             fail("rank_weight", self.rank_weight, "it must be ≥ 0 (0 turns the ranking loss off).")
-        for name in ("max_new_tokens", "skd_top_k", "skd_draft_len", "rank_k"):
+        for name in ("max_new_tokens", "skd_top_k", "skd_draft_len", "rank_k", "nonfinite_max_consecutive_skips"):
             if getattr(self, name) < 1:
                 fail(name, getattr(self, name), "it must be ≥ 1.")
         for name in ("max_length", "max_prompt_length", "teacher_top_k"):

@@ -1,6 +1,7 @@
 """What keeps a long distillation run safe: atomic checkpoints and the non-finite loss/gradient guard.
 
-`RLKDTrainer` calls into this module from three hooks (see docs/reliability.md for the guarantees and their tests):
+`RLKDTrainer` calls into this module from these hooks (see docs/reliability.md for the guarantees and their tests):
+- `__init__` -> `check_output_dir_writable`: an output_dir that cannot be written is refused before any work;
 - `_save_checkpoint` -> `save_checkpoint_atomically`: a checkpoint is written into a staging folder that
   `get_last_checkpoint` cannot see and renamed to `checkpoint-N` only once every file is on disk;
 - `train` -> `remove_staging_folders`: what a killed save left behind is removed before anything else;
@@ -14,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 
 import torch
 from transformers.trainer_callback import ExportableState
@@ -27,6 +29,65 @@ TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_
 STAGING_PREFIX = "_staging-"
 STALE_PREFIX = "_stale-"
 _LEFTOVER = re.compile(rf"^({STAGING_PREFIX}|{STALE_PREFIX}){PREFIX_CHECKPOINT_DIR}-\d+$")
+
+
+# -- checks before any work ----------------------------------------------------------------------------------------
+
+
+def check_output_dir_writable(output_dir: str) -> None:
+    """Refuse an output_dir that checkpoints cannot be written to, before any model is loaded or step taken.
+
+    Probes by creating and removing a file in it (or, while it does not exist, a folder in its nearest existing
+    parent, where it would be created), since permission bits say nothing for root or on read-only mounts; nothing
+    is left behind. Every process calls this: each writes its own files (rollout RNG states, DeepSpeed shards).
+    """
+    path = os.path.abspath(output_dir)
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        where = "is a file" if parent == path else f"is under {parent}, which is a file"
+        raise ValueError(f"output_dir={output_dir!r} {where}, not a folder: checkpoints and the final model are "
+                         "written into it. Choose another output_dir.")
+    try:
+        if parent == path:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".rlkd-write-probe-"):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".rlkd-write-probe-"))
+    except OSError as error:
+        raise ValueError(
+            f"output_dir={output_dir!r} is not writable ({error.strerror}: {error.filename}), so the first checkpoint "
+            "would fail after training had started. Choose a writable output_dir or fix its permissions."
+        ) from error
+
+
+# -- the rollout generator in checkpoints -----------------------------------------------------------------------
+
+
+def rollout_rng_file(checkpoint: str, rank: int) -> str:
+    return os.path.join(checkpoint, f"rollout_rng_state_{rank}.pth")
+
+
+def restore_rollout_generator(generator: torch.Generator, checkpoint: str, rank: int) -> bool:
+    """Load this rank's rollout generator state from `checkpoint`; without the file, warn naming it and go on.
+
+    A warning, not an error: the resumed run is still a correct run, only not the uninterrupted one's twin, and
+    the file is legitimately absent when resuming with more processes than the checkpoint was saved with (as
+    transformers treats its own RNG files). Returns whether the state was restored.
+    """
+    path = rollout_rng_file(checkpoint, rank)
+    if os.path.isfile(path):
+        generator.set_state(torch.load(path, weights_only=True))
+        return True
+    present = sorted(name for name in os.listdir(checkpoint) if re.fullmatch(r"rollout_rng_state_\d+\.pth", name))
+    logger.warning(
+        f"Resuming from {checkpoint} without {path}: the rollouts (sampled completions, mixed-mode coins) will not be "
+        "those of the uninterrupted run; they come from the generator as seeded at the start (seed + rank). "
+        f"The checkpoint holds {present or 'no rollout RNG state'}"
+        f"{' (saved with another number of processes?)' if present else ' (saved by another version?)'}."
+    )
+    return False
 
 
 # -- atomic checkpoints --------------------------------------------------------------------------------------------
@@ -151,7 +212,10 @@ class NonFiniteGuard:
     """Checks each micro-batch's loss and, before `optimizer.step()`, the accumulated gradients.
 
     policy "error": raise `NonFiniteError` naming the optimizer step; "skip": drop the step (zero the gradients, no
-    optimizer or scheduler update) and count it in `skipped_steps`.
+    optimizer or scheduler update) and count it in `skipped_steps`. Skipping is for rare bad batches: a run that
+    skips `max_consecutive_skips` steps in a row, or reaches its last step having taken none, raises
+    `NonFiniteError` too, since it is learning nothing (a teacher whose logits are always non-finite, a learning
+    rate that diverged), and finishing would save an untrained model as if it were trained.
 
     Where each check sits: without DeepSpeed the decision is taken once per optimizer step, inside a wrapper around
     the optimizer's `step` (after the last micro-batch's backward and the clipping, where a NaN loss has made the
@@ -160,9 +224,12 @@ class NonFiniteGuard:
     only, which RLKDConfig enforces); its gradients are not checked.
     """
 
-    def __init__(self, policy: str):
+    def __init__(self, policy: str, max_consecutive_skips: int = 10):
         self.policy = policy
-        self.skipped_steps = 0
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps = 0  # over the whole run, restored on resume
+        self._consecutive_skips = 0
+        self._taken_steps = 0  # optimizer steps taken by this `train()` call
         self._micro_batch = 0
         self._bad_loss: str | None = None  # the first non-finite loss of the current step, described
 
@@ -177,6 +244,7 @@ class NonFiniteGuard:
 
     def install(self, trainer) -> None:
         """Wrap the (prepared) optimizer's `step` so that every optimizer step passes through `_before_step`."""
+        self._consecutive_skips = self._taken_steps = 0
         optimizer = trainer.optimizer
         if getattr(optimizer, "_nonfinite_guard", None) is self:
             return  # train() called again on the same optimizer
@@ -208,6 +276,8 @@ class NonFiniteGuard:
             problem = "gradient"
         if not _any_rank(problem is not None, trainer.accelerator):
             _mark_skipped(trainer.optimizer, False)
+            self._consecutive_skips = 0
+            self._taken_steps += 1
             return True
         problem = problem or "loss or gradient on another rank"
         if self.policy == "error":
@@ -215,9 +285,31 @@ class NonFiniteGuard:
         trainer.optimizer.zero_grad(set_to_none=True)
         _mark_skipped(trainer.optimizer, True)  # the Trainer then leaves the LR scheduler where it is
         self.skipped_steps += 1
+        self._consecutive_skips += 1
+        self._check_still_learning(trainer, problem)
         logger.warning(f"Skipped optimizer step {trainer.state.global_step + 1}: non-finite {problem}; the "
                        f"parameters are unchanged ({self.skipped_steps} step(s) skipped so far).")
         return False
+
+    def _check_still_learning(self, trainer, problem: str) -> None:
+        """Under "skip": raise when the last `max_consecutive_skips` steps, or every step of this run, were skipped."""
+        step = trainer.state.global_step + 1
+        last_step = step >= trainer.state.max_steps > 0
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            what = f"{self._consecutive_skips} consecutive optimizer steps (steps {step - self._consecutive_skips + 1}"
+            what += f"–{step}) were skipped"
+        elif last_step and self._taken_steps == 0:
+            what = f"every one of the {self._consecutive_skips} optimizer steps of this run was skipped"
+        else:
+            return
+        raise NonFiniteError(
+            f"nonfinite_policy='skip': {what}, the last for a non-finite {problem}, so the model is not learning "
+            "and the run stops rather than save it as trained. Skipping is for rare bad batches; find what makes "
+            "every step non-finite (a teacher whose logits are NaN/inf, a bad example, a learning rate that "
+            "diverged; nonfinite_policy='error' stops at the first one and names it), or raise "
+            f"nonfinite_max_consecutive_skips (now {self.max_consecutive_skips}) if longer runs of bad batches are "
+            "expected."
+        )
 
     def _error(self, trainer, problem: str) -> NonFiniteError:
         return NonFiniteError(

@@ -12,7 +12,6 @@ atomically and hold the rollout generator too (reliability.py; guarantees and te
 """
 
 import math
-import os
 from collections import defaultdict
 from typing import Any
 
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, T
 
 from rlkd_onpolicy.data.prompt_completion import (
     TokenizedExample,
+    check_prompt_not_empty,
     collate_prompt_completion,
     tokenize_example,
     validate_prompt_completion_dataset,
@@ -37,7 +37,10 @@ from rlkd_onpolicy.trainer.config import RLKDConfig
 from rlkd_onpolicy.trainer.deepspeed import is_zero3, prepare_teacher, teacher_for_generation
 from rlkd_onpolicy.trainer.reliability import (
     NonFiniteGuard,
+    check_output_dir_writable,
     remove_staging_folders,
+    restore_rollout_generator,
+    rollout_rng_file,
     save_checkpoint_atomically,
     skipped_steps_in,
 )
@@ -74,6 +77,10 @@ def check_vocabularies(student: PreTrainedModel, teacher: PreTrainedModel | None
             " rows: this tokenizer does not belong to these models."
         )
     return n_tokens
+
+
+def _tokenized_examples(dataset):
+    return (TokenizedExample(p, c) for p, c in zip(dataset["prompt_ids"], dataset["completion_ids"], strict=True))
 
 
 class PromptCompletionCollator:
@@ -125,6 +132,7 @@ class RLKDTrainer(Trainer):
         callbacks=None,
         optimizers=(None, None),
         compute_metrics=None,
+        preprocess_logits_for_metrics=None,
     ):
         if args is None:
             args = RLKDConfig(output_dir="rlkd-output")
@@ -132,6 +140,7 @@ class RLKDTrainer(Trainer):
             raise TypeError(f"args must be an RLKDConfig, got {type(args).__name__}.")
         if teacher_model is None and args.teacher_cache is None:
             raise ValueError("teacher_model is required (a causal LM or a name/path) unless args.teacher_cache is set.")
+        check_output_dir_writable(args.output_dir)
         if processing_class is None:
             if not isinstance(model, str):
                 raise ValueError("processing_class (the tokenizer) is required when model is a model object.")
@@ -171,9 +180,12 @@ class RLKDTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
 
-        train_dataset = self._tokenize(train_dataset, tokenizer, args)
+        train_dataset = self._tokenize(train_dataset, tokenizer, args, "train_dataset")
+        if self.teacher_cache is not None:  # every example against the cache's hashes, before any work
+            self.teacher_cache.check_examples(_tokenized_examples(train_dataset), tokenizer=tokenizer,
+                                              max_length=args.max_length, max_prompt_length=args.max_prompt_length)
         if eval_dataset is not None:
-            eval_dataset = self._tokenize(eval_dataset, tokenizer, args)
+            eval_dataset = self._tokenize(eval_dataset, tokenizer, args, "eval_dataset")
         super().__init__(
             model=model,
             args=args,
@@ -184,6 +196,7 @@ class RLKDTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
             compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         # compute_loss divides by the step's token count itself: training_step must not divide again.
         self.loss_is_scaled_for_ga = True
@@ -230,12 +243,12 @@ class RLKDTrainer(Trainer):
         self._eval_generator = self._new_eval_generator()
         self._evaluating = False
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy)
+        self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy, args.nonfinite_max_consecutive_skips)
 
     # -- data ----------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _tokenize(dataset, tokenizer, args: RLKDConfig):
+    def _tokenize(dataset, tokenizer, args: RLKDConfig, name: str):
         import datasets
 
         if isinstance(dataset, list):
@@ -245,6 +258,7 @@ class RLKDTrainer(Trainer):
             tokenized = tokenize_example(
                 tokenizer, example, max_length=args.max_length, max_prompt_length=args.max_prompt_length
             )
+            check_prompt_not_empty(tokenized, index, name, example["prompt"])
             return {"prompt_ids": tokenized.prompt_ids, "completion_ids": tokenized.completion_ids,
                     "example_index": index}
 
@@ -293,21 +307,43 @@ class RLKDTrainer(Trainer):
     # -- evaluation: the same rollout + loss on the eval set, from a generator reset at every evaluation -------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        self._eval_generator = self._new_eval_generator()
-        self._evaluating = True
+        self._evaluating = True  # until after Trainer logs the returned metrics, so `log` adds no training ones
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._evaluating = False
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        # Here, not in `evaluate`, so that `predict` evaluates the same way; the distillation metrics join the
+        # returned ones, so that evaluate() returns them and metric_for_best_model can name them (eval_mor@5).
+        self._eval_generator = self._new_eval_generator()
+        evaluating, self._evaluating = self._evaluating, True
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            averaged = self._averaged_metrics("eval")
+        finally:
+            self._evaluating = evaluating
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in averaged.items()})
+        return output
+
     def _new_eval_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.args.seed + 1_000_003 + self.accelerator.process_index)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """(loss, logits, labels) as transformers' Trainer gives `compute_metrics`: the student's logits (B, T, V) on
+        the evaluated sequence (the rollout: generated or the dataset's, per sampling_mode) and its token ids as
+        labels, -100 outside the completion, unshifted. Only with `compute_metrics` (one more student forward)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, {**inputs, "rollout": self._rollout(inputs)})
-        return loss.detach(), None, None
+            rollout = self._rollout(inputs)
+            loss = self.compute_loss(model, {**inputs, "rollout": rollout})
+            if prediction_loss_only:
+                return loss.detach(), None, None
+            logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
+        labels = rollout.sequences.masked_fill(~rollout.completion_mask, -100)
+        return loss.detach(), logits[..., : self.vocab_size], labels
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rollout: Rollout = inputs.get("rollout") or self._rollout(inputs)
@@ -470,18 +506,13 @@ class RLKDTrainer(Trainer):
             # Restored here, before the first step and on every backend (DeepSpeed loads its checkpoint here too):
             # Trainer restores its own RNG states only after fetching the first batches on resume, and fetching a
             # batch is where our rollouts draw from this generator.
-            path = self._rollout_rng_file(resume_from_checkpoint)
-            if os.path.isfile(path):
-                self.rollout_generator.set_state(torch.load(path, weights_only=True))
+            restore_rollout_generator(self.rollout_generator, resume_from_checkpoint, self.accelerator.process_index)
             self.nonfinite_guard.skipped_steps = skipped_steps_in(resume_from_checkpoint)
         return model, train_dataloader
 
-    def _rollout_rng_file(self, folder: str) -> str:
-        return os.path.join(folder, f"rollout_rng_state_{self.accelerator.process_index}.pth")
-
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
-        torch.save(self.rollout_generator.get_state(), self._rollout_rng_file(output_dir))
+        torch.save(self.rollout_generator.get_state(), rollout_rng_file(output_dir, self.accelerator.process_index))
 
     # -- logging -------------------------------------------------------------------------------------------------
 
@@ -510,20 +541,23 @@ class RLKDTrainer(Trainer):
         if self.args.sampling_mode == "speculative":
             metrics["teacher_token_fraction"].append(float(replaced.sum()) / tokens)
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if self._evaluating else "train"
+    def _averaged_metrics(self, mode: str) -> dict[str, float]:
+        """The mean of each metric recorded since the last call, over batches and ranks; then forgets them."""
         averaged = {key: sum(values) / len(values) for key, values in sorted(self._metrics[mode].items()) if values}
         if self.accelerator.num_processes > 1 and averaged:
             # Every rank logs at the same step with the same keys (they depend on the config only): average them.
             local = torch.tensor(list(averaged.values()), device=self.accelerator.device, dtype=torch.float64)
             gathered = self.accelerator.gather(local.unsqueeze(0)).mean(0)
             averaged = dict(zip(averaged, gathered.tolist(), strict=True))
-        if mode == "eval":
-            averaged = {f"eval_{key}": value for key, value in averaged.items()}
-        elif self.args.nonfinite_policy == "skip":
-            averaged["nonfinite_skipped_steps"] = self.nonfinite_guard.skipped_steps  # cumulative
-        logs = {**logs, **averaged}
         self._metrics[mode].clear()
+        return averaged
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Evaluation metrics are already in `logs` (evaluation_loop put them there); training ones are added here.
+        if not self._evaluating:
+            logs = {**logs, **self._averaged_metrics("train")}
+            if self.args.nonfinite_policy == "skip":
+                logs["nonfinite_skipped_steps"] = self.nonfinite_guard.skipped_steps  # cumulative
         super().log(logs, start_time)
 
 

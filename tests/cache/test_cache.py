@@ -180,3 +180,80 @@ def test_cli_build_and_verify(tiny, tmp_path, capsys):
     assert all(len(cache[i]["input_ids"]) <= 12 for i in range(11))
     assert main(["verify", str(out)]) == 0  # in-process: a second interpreter start costs seconds
     assert "11 examples in 3 shards, all checksums match" in capsys.readouterr().out
+
+
+def _tokenized(tokenizer, examples, **kw):
+    return [tokenize_example(tokenizer, e, **kw) for e in examples]
+
+
+def test_every_example_is_checked_against_the_cache_by_its_hash(tiny, tmp_path):
+    """Issue 15, defect 5: a cache built from another version of the dataset (same number of examples) was found
+    only when the differing example's batch came up. `check_examples` compares every example's stored hash before
+    any work and says which example differs and how: edited (its first differing token) or moved (shuffled)."""
+    _, _, tokenizer, teacher = tiny
+    examples = make_examples(7)
+    build_cache(teacher, tokenizer, examples, str(tmp_path), k=4, shard_size=3, teacher_name="tiny", progress=False)
+    cache = TeacherCache.open(str(tmp_path), tokenizer=tokenizer)
+    cache.verify()
+    assert len(cache.example_hashes()) == 7
+    cache.check_examples(_tokenized(tokenizer, examples), max_length=None, max_prompt_length=None)  # the same data
+
+    edited = [dict(e) for e in examples]
+    edited[5]["completion"] = edited[5]["completion"].replace("the", "a", 1)  # one word: same length
+    with pytest.raises(ValueError, match=r"another version of train_dataset: 1 of 7 examples .* \(first: example 5; "
+                                         r"its completion has \d+ tokens here and \d+ in the cache and first differs "
+                                         r"at token \d+: 'a' here, 'the' in the cache \(the example was edited\)\)"):
+        cache.check_examples(_tokenized(tokenizer, edited), max_length=None, max_prompt_length=None,
+                             tokenizer=tokenizer)
+    shuffled = examples[1:] + examples[:1]  # rotated; the last one stays equal (make_examples repeats after 6)
+    with pytest.raises(ValueError, match=r"6 of 7 examples .* \(first: example 0; it is the cache's example 1, and 6 "
+                                         r"of the 6 differing examples are elsewhere in the cache: the dataset was "
+                                         r"reordered or shuffled"):
+        cache.check_examples(_tokenized(tokenizer, shuffled), max_length=None, max_prompt_length=None)
+    with pytest.raises(ValueError, match=r"trainer tokenises with max_length=6 \(the cache's None\)"):
+        cache.check_examples(_tokenized(tokenizer, examples, max_length=6), max_length=6, max_prompt_length=None)
+
+
+def test_a_cache_of_format_version_1_is_refused_with_the_reason(tiny, tmp_path):
+    """Issue 15, defect 5: version 2 adds the per-example hashes; a version-1 cache cannot be checked against a
+    dataset, so it is refused when opened, saying why and what to do."""
+    _, _, tokenizer, teacher = tiny
+    build_cache(teacher, tokenizer, make_examples(3), str(tmp_path), k=4, teacher_name="tiny", progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["header"]["format_version"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"format_version=1 is not the version this library reads \(2\) \(version 1 "
+                                         r"stores no per-example hashes.*rebuild the cache"):
+        TeacherCache.open(str(tmp_path), tokenizer=tokenizer)
+
+
+def test_the_builder_refuses_an_empty_prompt_naming_the_row(tmp_path):
+    """Issue 15, defect 4, in the cache builder (shared check): with a tokenizer that adds no BOS an empty prompt has
+    no tokens, so nothing predicts the first completion token."""
+    from tiny_models import tiny_llama, tiny_tokenizer
+
+    examples = [{"prompt": "the cat", "completion": "le chat"}, {"prompt": "", "completion": "le chien"}]
+    with pytest.raises(ValueError, match=r"the dataset row 1 has an empty prompt \(''"):
+        build_cache(tiny_llama(64), tiny_tokenizer(), examples, str(tmp_path), k=4, progress=False)
+
+
+def test_verify_checks_the_stored_hashes_against_the_stored_ids(tiny, tmp_path):
+    """The hashes stand for the ids only if they are the ids' hashes: a shard whose hash was rewritten (with a valid
+    checksum in the manifest) fails `verify`."""
+    from safetensors.torch import load, save
+
+    from rlkd_onpolicy.cache.format import sha256_bytes
+
+    _, _, tokenizer, teacher = tiny
+    build_cache(teacher, tokenizer, make_examples(4), str(tmp_path), k=4, shard_size=2, progress=False)
+    shard = tmp_path / "shard-00001.safetensors"
+    tensors = load(shard.read_bytes())
+    tensors["example_hash"][1, 0] ^= 1
+    data = save(tensors)
+    shard.write_bytes(data)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"][1].update(bytes=len(data), sha256=sha256_bytes(data))
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    cache = TeacherCache.open(str(tmp_path), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="Shard shard-00001.safetensors is inconsistent"):
+        cache.verify()

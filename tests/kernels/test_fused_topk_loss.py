@@ -147,6 +147,33 @@ def test_all_masked_gives_zero_loss_and_zero_grads(backend):
             assert grad is not None and (grad == 0).all()
 
 
+# the teacher's logits at −inf / finfo(float32).min / −1e30 beyond row r's first r % 8 + 1 tokens (masked or
+# suppressed tokens), so its top-8 holds such values and its tail is empty; on both backends
+@pytest.mark.parametrize("extreme", [float("-inf"), torch.finfo(torch.float32).min, -1e30])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_ranking_with_extreme_teacher_logits_is_finite(backend, extreme):
+    """Issue 15, defect 1, on the fused path: with rank_weight > 0 the gradients were NaN (the soft rank of −inf and
+    0 · −inf in the sparse teacher lookup). They must equal those of the finite limit: every extreme replaced by a
+    value 1000 below the row's finite minimum, computed in float64 by the reference."""
+    hidden, weight, bias, _, _, mask, teacher_logits = make_inputs(41, 8, 301, 8, dtype=torch.float32,
+                                                                   device=DEVICE)
+    keep = torch.arange(41, device=DEVICE).unsqueeze(-1) % 8 + 1
+    beyond = torch.arange(301, device=DEVICE).unsqueeze(0) >= keep
+    stand_in = teacher_logits.double().masked_fill(beyond, 0.0)
+    stand_in = torch.where(beyond, stand_in.min(-1, keepdim=True).values - 1000.0, stand_in)
+    kwargs = {"rank_weight": 2.0, "rank_k": 5, "reduction": "sum", "chunk_size": 16}
+    results = []
+    for teacher, dtype in ((teacher_logits.float().masked_fill(beyond, extreme), torch.float32),
+                           (stand_in, torch.float64)):
+        top = torch.log_softmax(teacher, -1).topk(8)
+        tail = torch.log_softmax(teacher, -1).scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+        results.append(loss_and_grads(hidden.to(dtype), weight.to(dtype), bias.to(dtype), top.indices, top.values,
+                                      mask, teacher_tail_logprob=tail, backend=backend if dtype == torch.float32
+                                      else "torch", **kwargs))
+    got, limit = results
+    assert_relative(got, limit, rtol=1e-5, atol=1e-5)  # also asserts every output is finite
+
+
 def test_bad_inputs_fail_before_any_work():
     hidden, weight, _, ids, logprobs, mask, _ = make_inputs(5, 4, 20, 3)
     good = {"teacher_topk_ids": ids.clamp_min(0), "teacher_topk_logprobs": logprobs}

@@ -158,3 +158,65 @@ def test_rank_bad_input():
         sparse_ranking_loss(s, top.ids, top.logprobs, k=4)
     with pytest.raises(ValueError, match="same shape"):
         ranking_loss(s, torch.randn(2, 7))
+
+
+# Teachers emit −inf (masked or suppressed tokens, padding rows set to −inf by logits processors), finfo.min or
+# −1e30 (processors that mask with "a very negative number"); each case is one of these.
+EXTREMES = [float("-inf"), torch.finfo(torch.float32).min, -1e30]
+
+
+def _with_extremes(values: torch.Tensor, extreme: float) -> torch.Tensor:
+    """Rows of `values (m, V)` where row r keeps its first r % 8 + 1 entries and the rest are `extreme` (so some
+    rows have fewer finite entries than the top-k, and the extremes tie among themselves)."""
+    out = values.clone()
+    keep = torch.arange(values.shape[0]).unsqueeze(-1) % 8 + 1
+    out[torch.arange(values.shape[-1]).unsqueeze(0) >= keep] = extreme
+    return out
+
+
+def _stand_in(values: torch.Tensor) -> torch.Tensor:
+    """The same rows in float64 with every extreme replaced by one finite value 1000 below the row's finite minimum:
+    soft ranks stop changing once a value is more than (n − 1)·ε below the others, so this is their limit."""
+    values = values.double()
+    extreme = values < -1e29
+    low = values.masked_fill(extreme, float("inf")).min(-1, keepdim=True).values - 1000.0
+    return torch.where(extreme, low, values)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.1])  # 0.1: finfo.min / ε overflows to −inf inside the operator
+@pytest.mark.parametrize("extreme", EXTREMES)
+def test_soft_rank_of_extreme_values_is_their_limit(extreme, strength):
+    """Issue 15, defect 1, at its source: −inf gave NaN soft ranks (inf − inf in the isotonic step) and finfo.min or
+    −1e30 wrong ones (cancellation and overflow in the cumulative sums). They must be the finite limit."""
+    values = _with_extremes(_values(24, 9, seed=20).float(), extreme)
+    got = soft_rank(values, strength)
+    ref = torch.tensor([soft_rank_pav(row.tolist(), strength) for row in _stand_in(values)], dtype=torch.float64)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+
+
+def _loss_and_grad(student, teacher, sparse: bool, k: int = 5):
+    student = student.detach().clone().requires_grad_()
+    if sparse:  # the teacher's top-8, as a cache or `teacher_top_k` gives it
+        top = teacher_topk(teacher, 8)
+        loss = sparse_ranking_loss(student, top.ids, top.logprobs, teacher_tail_logprob=top.tail_logprob, k=k)
+    else:
+        loss = ranking_loss(student, teacher, k=k)
+    (grad,) = torch.autograd.grad(loss, student)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("sparse", [False, True])  # full teacher logits; the teacher's top-K
+@pytest.mark.parametrize("extreme", EXTREMES)
+def test_ranking_gradient_is_finite_when_the_teacher_holds_extreme_logits(extreme, sparse):
+    """Issue 15, defect 1: with the teacher's logits at −inf, finfo.min or −1e30 beyond a few tokens the loss stayed
+    finite but its gradient was NaN (every seed at −inf), so a run stopped or skipped every step. 40 rows here, and
+    the loss and gradient must equal those of the finite limit (`_stand_in`), computed in float64."""
+    student = _values(40, 50, seed=21).float()
+    teacher = _with_extremes(_values(40, 50, seed=22).float(), extreme)
+    loss, grad = _loss_and_grad(student, teacher, sparse)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    ref_loss, ref_grad = _loss_and_grad(student.double(), _stand_in(teacher), sparse)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-5)
+    assert grad.abs().sum() > 0  # the rows with finite teacher values still train

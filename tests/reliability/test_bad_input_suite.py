@@ -5,7 +5,10 @@ RLKDTrainer's constructor (before any step), and nothing written to output_dir.
 tests/trainer/test_trainer_cache.py.)
 """
 
+import os
+import re
 import shutil
+import tempfile
 
 import datasets
 import pytest
@@ -63,6 +66,18 @@ def _corrupted(cache_dir, tmp_path) -> str:
     return str(broken)
 
 
+def _inside_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    return tmp_path / "notes.txt" / "run"
+
+
+def _edited(rows: list[dict], row: int) -> list[dict]:
+    """`rows` with the first word of one completion replaced (the same number of tokens)."""
+    rows = [dict(r) for r in rows]
+    rows[row]["completion"] = " ".join(["fleuve"] + rows[row]["completion"].split()[1:])
+    return rows
+
+
 CASES = {
     # -- models and tokenizers
     "teacher with another tokenizer": (
@@ -86,6 +101,16 @@ CASES = {
     "cache of another dataset": (
         lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
                                        train=tiny_pairs(5)), "holds 12 examples but train_dataset has 5"),
+    # issue 15, defect 5: another version of the dataset (same length) was found only when its batch came up
+    "cache of an edited dataset": (
+        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
+                                       train=_edited(tiny_pairs(12), row=7)),
+        r"another version of train_dataset: 1 of 12 examples .*first: example 7; its completion has \d+ tokens here "
+        r"and \d+ in the cache and first differs at token 0: 'fleuve' here"),
+    "cache of a shuffled dataset": (
+        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
+                                       train=tiny_pairs(12)[::-1]),
+        r"first: example 0; it is the cache's example 11.*reordered or shuffled"),
     "corrupted cache shard": (
         lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=_corrupted(cache, tmp),
                                        sampling_mode="off_policy"), "(?i)checksum|sha"),
@@ -110,6 +135,12 @@ CASES = {
                                           "rank_k=3 is invalid: with a sparse teacher it must be ≤ teacher_top_k=2"),
     "teacher offload without DeepSpeed": (lambda out, tmp, cache: _build(out, teacher_offload_to_cpu=True),
                                           "teacher_offload_to_cpu=True needs DeepSpeed ZeRO-3"),
+    # -- output_dir (issue 15, defect 6: an unwritable one trained, then crashed at the first save)
+    "output_dir inside a file": (
+        lambda out, tmp, cache: _build(_inside_a_file(tmp)),
+        r"output_dir='.*/notes.txt/run' is under .*/notes.txt, which is a file"),
+    "output_dir that is a file": (
+        lambda out, tmp, cache: _build(_inside_a_file(tmp).parent), r"output_dir='.*/notes.txt' is a file"),
     # -- datasets
     "dataset without a completion column": (
         lambda out, tmp, cache: _build(out, train=[{"prompt": "the cat", "answer": "le chat"}]),
@@ -117,6 +148,15 @@ CASES = {
     "empty dataset": (
         lambda out, tmp, cache: _build(out, train=datasets.Dataset.from_dict({"prompt": [], "completion": []})),
         "train_dataset is empty"),
+    # issue 15, defect 4: an empty prompt was accepted and crashed mid-run, after checkpoints were written
+    "empty prompt": (
+        lambda out, tmp, cache: _build(out, train=tiny_pairs(4) + [{"prompt": "", "completion": "le chat"}]),
+        "train_dataset row 4 has an empty prompt"),
+    "prompt of only whitespace, in the eval dataset": (
+        lambda out, tmp, cache: RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=_teacher(), args=_config(out),
+                                            train_dataset=tiny_pairs(4), processing_class=tiny_tokenizer(),
+                                            eval_dataset=tiny_pairs(2) + [{"prompt": "   ", "completion": "le"}]),
+        r"eval_dataset row 2 has an empty prompt \('   ' tokenises to no tokens\)"),
     "eval dataset without a prompt column": (
         lambda out, tmp, cache: RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=_teacher(), args=_config(out),
                                             train_dataset=tiny_pairs(4), eval_dataset=[{"completion": "le chat"}],
@@ -133,3 +173,39 @@ def test_bad_input_fails_early_and_writes_nothing(tmp_path, cache_dir, case):
         make(out, tmp_path, cache_dir)
     # Trainer creates output_dir in its constructor; nothing may be in it.
     assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
+def _read_only_folder(tmp_path) -> str:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder)
+
+
+def _system_folder(tmp_path) -> str:
+    """A folder that even root cannot write (sysfs), for a test run as root, where permission bits do not bind."""
+    for folder in ("/sys/kernel", "/sys"):
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+        except OSError:
+            return folder
+    pytest.skip("no folder here refuses writes to root")
+
+
+# a folder without write permission (as a normal user), and one on a filesystem that refuses writes to root too
+@pytest.mark.parametrize("make_folder", [
+    pytest.param(_read_only_folder, marks=pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")),
+    pytest.param(_system_folder, marks=pytest.mark.skipif(os.geteuid() != 0, reason="the read-only folder covers it")),
+])
+@pytest.mark.parametrize("below", ["", "run/1"])  # the folder itself; a folder that would be created in it
+def test_an_unwritable_output_dir_is_refused_before_any_work(tmp_path, make_folder, below):
+    """Issue 15, defect 6: an output_dir that cannot be written passed the constructor, trained, and crashed at the
+    first save. It must be refused at construction, naming the path, and nothing may be left behind."""
+    folder = make_folder(tmp_path)
+    before = sorted(os.listdir(folder))
+    output_dir = os.path.join(folder, below) if below else folder
+    refused = rf"output_dir='{re.escape(output_dir)}' is not writable \((Permission denied|Operation not permitted)"
+    with pytest.raises(ValueError, match=refused):
+        _build(output_dir)
+    assert sorted(os.listdir(folder)) == before

@@ -107,3 +107,61 @@ def test_skip_policy_skips_counts_and_goes_on(tmp_path):
     assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {4}
     assert trainer.lr_scheduler.last_epoch == 4
     assert logs[3]["learning_rate"] == logs[2]["learning_rate"] > logs[4]["learning_rate"]
+
+
+def _nan_teacher_on_steps(trainer, steps: set[int]) -> None:
+    """The teacher's logits are NaN on every training micro-batch of the optimizer steps in `steps` (1-based)."""
+
+    def hook(module, inputs, output):
+        if not module.training and trainer.model.training and trainer.state.global_step + 1 in steps:
+            output.logits = torch.full_like(output.logits, float("nan"))
+        return output
+
+    trainer.teacher.register_forward_hook(hook)
+
+
+def test_skip_policy_fails_a_run_whose_every_step_is_skipped(tmp_path):
+    """Issue 15, defect 1: under "skip" a run whose every step was non-finite skipped them all and finished as if it
+    had trained. It must stop at its last step, naming the count and the fix, and save no final model."""
+    trainer = _trainer(tmp_path, nonfinite_policy="skip", max_steps=4)
+    _nan_teacher_on_steps(trainer, {1, 2, 3, 4})
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(NonFiniteError, match=r"every one of the 4 optimizer steps of this run was skipped.*"
+                                             r"nonfinite_max_consecutive_skips"):
+        trainer.train()
+    assert trainer.state.global_step == 3  # it stopped at the 4th step, before finishing
+    assert _same(before, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+
+
+def test_skip_policy_fails_after_too_many_consecutive_skips(tmp_path):
+    """Issue 15, defect 1: a run that starts well and then skips step after step stops once
+    `nonfinite_max_consecutive_skips` steps in a row were skipped, naming them; isolated skips before do not count."""
+    trainer = _trainer(tmp_path, nonfinite_policy="skip", max_steps=8, nonfinite_max_consecutive_skips=3)
+    _nan_teacher_on_steps(trainer, {2, 4, 5, 6, 7, 8})
+    with pytest.raises(NonFiniteError, match=r"3 consecutive optimizer steps \(steps 4–6\) were skipped"):
+        trainer.train()
+    assert trainer.nonfinite_guard.skipped_steps == 4  # steps 2, 4, 5, 6
+
+
+def test_a_teacher_with_minus_inf_logits_trains_with_the_ranking_loss(tmp_path):
+    """Issue 15, defect 1, in the trainer: a teacher whose logits are −inf at some tokens (as a logits processor or
+    a padding row sets them) made the ranking loss's gradient NaN, so the default policy stopped at step 1 advising
+    a lower learning rate. With rank_weight=2 it must train every step with finite parameters."""
+    trainer = _trainer(tmp_path, max_steps=3, rank_weight=2.0)
+    suppressed = torch.arange(8, 64)  # the teacher allows only 8 tokens, fewer than rank_k + its own top-k union
+
+    def hook(module, inputs, output):
+        output.logits[..., suppressed] = float("-inf")
+        return output
+
+    trainer.teacher.register_forward_hook(hook)
+    snapshots = _Snapshots()
+    trainer.add_callback(snapshots)
+    trainer.train()
+    assert len(snapshots.params) == 4
+    for step in (1, 2, 3):
+        assert not _same(snapshots.params[step], snapshots.params[step - 1]), f"step {step} did not train"
+    logs = [e for e in trainer.state.log_history if "rank_loss" in e]
+    assert len(logs) == 3 and all(e["rank_loss"] > 0 for e in logs)  # the ranking loss is on and finite
+    for p in trainer.model.parameters():
+        assert torch.isfinite(p).all()

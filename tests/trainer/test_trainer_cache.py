@@ -64,8 +64,9 @@ def test_cache_bad_input(tmp_path, cache_dir):
         make(teacher_model="other/teacher")
     with pytest.raises(ValueError, match="holds 12 examples but train_dataset has 5"):
         make(train_dataset=tiny_pairs(5))
-    with pytest.raises(ValueError, match="tokenised differently"):
-        make(max_length=8, max_prompt_length=4).train()
+    with pytest.raises(ValueError, match=r"does not match the trainer's tokenisation: 12 of 12 examples.*"
+                                         r"max_length=8 \(the cache's 32\), max_prompt_length=4 \(the cache's 16\)"):
+        make(max_length=8, max_prompt_length=4)  # at construction, not when the first batch comes up
     with pytest.raises(ValueError, match="need an online teacher_model"):
         _args(tmp_path, teacher_cache=str(cache_dir), sampling_mode="on_policy")
     with pytest.raises(ValueError, match="another tokenizer"):
