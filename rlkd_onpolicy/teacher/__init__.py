@@ -3,8 +3,19 @@
 Every teacher (a local model, a top-k cache, a model served by vLLM) answers one question for a rollout: the
 teacher's next-token distribution at each completion position, as a `DenseTeacher` (full logits) or a
 `SparseTeacher` (top-K ids, log-probs and the log-mass of the rest). The losses and the fused kernel read these.
+`ServedTeacher` (served.py) asks a vLLM server; it is imported on first use, so `import rlkd_onpolicy` stays light.
 """
 
 from rlkd_onpolicy.teacher.signal import DenseTeacher, SparseTeacher, Teacher, TeacherSignal
 
-__all__ = ["DenseTeacher", "SparseTeacher", "Teacher", "TeacherSignal"]
+_SERVED = ("ServedTeacher", "ServerOptions", "TeacherServerError")
+
+__all__ = ["DenseTeacher", "SparseTeacher", "Teacher", "TeacherSignal", *_SERVED]
+
+
+def __getattr__(name: str):
+    if name in _SERVED:
+        from rlkd_onpolicy.teacher import served
+
+        return getattr(served, name)
+    raise AttributeError(f"module 'rlkd_onpolicy.teacher' has no attribute {name!r}")
