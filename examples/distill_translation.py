@@ -70,7 +70,11 @@ class ExampleConfig:
     max_prompt_length: int = field(default=128, metadata={"help": "Max prompt tokens (chat template included)."})
     # student
     student: str | None = field(default=None, metadata={"help": "Student model (same tokenizer); default: cut."})
-    student_layers: int = field(default=6, metadata={"help": "Teacher layers kept in the student (evenly spaced)."})
+    student_layers: int = field(default=6, metadata={"help": "Teacher layers kept in the student."})
+    student_layer_choice: str = field(
+        default="even", metadata={"help": "Which teacher layers the student keeps: 'even' (evenly spaced, first and "
+                                          "last included) or 'bottom' (the first student_layers - 2 and the last 2)."},
+    )  # fmt: skip
     student_sft_steps: int = field(
         default=0, metadata={"help": "SFT steps of the student before distillation (GKD's recipe; 0: the cut as is)."}
     )
@@ -90,6 +94,14 @@ class ExampleConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per prompt in on-policy modes."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; several give mean ± std."})
     curve_every: int = field(default=10, metadata={"help": "Steps between MOR@5 points on the dev split."})
+    distill_pairs: int | None = field(
+        default=None, metadata={"help": "Distinct training pairs the methods train on (default: distill_steps x "
+                                        "batch_size, one epoch); fewer are repeated over several epochs."},
+    )  # fmt: skip
+    seen_eval_limit: int = field(
+        default=0, metadata={"help": "Also measure CR@k, MOR@5, Spearman@5 and KL teacher-forced on this many of the "
+                                     "pairs the methods trained on (seen data, as in RLKD's Table 1); 0: off."},
+    )  # fmt: skip
     # evaluation and output
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of greedy generation."})
     eval_max_new_tokens: int = field(default=96, metadata={"help": "Max tokens of a generated translation."})
@@ -109,9 +121,14 @@ class ExampleConfig:
                      "max_prompt_length"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
-        for name in ("max_chars", "train_limit", "test_limit"):
+        if self.seen_eval_limit < 0:
+            raise ValueError(f"seen_eval_limit={self.seen_eval_limit} must be >= 0 (0: off).")
+        for name in ("max_chars", "train_limit", "test_limit", "distill_pairs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1 or null (no limit).")
+        if self.student_layer_choice not in STUDENT_LAYER_CHOICES:
+            raise ValueError(f"student_layer_choice={self.student_layer_choice!r} must be one of "
+                             f"{sorted(STUDENT_LAYER_CHOICES)}.")  # fmt: skip
         if self.instruction_role not in ("system", "user"):
             raise ValueError(f"instruction_role={self.instruction_role!r} must be 'system' or 'user'.")
         if self.max_prompt_length >= self.max_length:
@@ -133,7 +150,8 @@ class ExampleConfig:
 
     def student_key(self) -> str:
         """Hash of the teacher's settings and every setting that changes the fine-tuned student."""
-        settings = {k: getattr(self, k) for k in ("student", "student_layers", "student_sft_steps", "student_lr")}
+        settings = {k: getattr(self, k) for k in ("student", "student_layers", "student_layer_choice",
+                                                     "student_sft_steps", "student_lr")}  # fmt: skip
         settings["teacher"] = self.teacher_key()
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -211,6 +229,22 @@ def _read_yaml(path: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------ data
+STUDENT_LAYER_CHOICES = ("even", "bottom")
+
+
+def student_layers(cfg: ExampleConfig, teacher_layers: int) -> tuple[int, ...]:
+    """The teacher layers the student keeps. 'even' spreads them over the depth (DistilBERT's and Minitron's depth
+    pruning); 'bottom' keeps the first n - 2 and the last 2, dropping one block of deep layers (measured at
+    initialisation: lower KL to the teacher than the evenly spaced cut of the same depth; see
+    docs/example_translation.md)."""
+    from rlkd_onpolicy.models import evenly_spaced_layers
+
+    if cfg.student_layer_choice == "even" or cfg.student_layers > teacher_layers:  # the latter: its clear error
+        return evenly_spaced_layers(teacher_layers, cfg.student_layers)
+    top = min(cfg.student_layers, 2)
+    return (*range(cfg.student_layers - top), *range(teacher_layers - top, teacher_layers))
+
+
 def evenly_spaced(items: list, n: int | None) -> list:
     """n items spread over the whole list (all of John's chapters, not only the first ones)."""
     if n is None or n >= len(items):
@@ -419,16 +453,26 @@ def check_distillation_available() -> None:
 # (result key, column title, scale, decimals): CR@k and MOR@k are fractions, shown in percent as in the RLKD paper.
 COLUMNS = [("bleu", "BLEU", 1, 1), ("chrf", "chrF", 1, 1), ("cr@1", "CR@1 %", 100, 1), ("cr@2", "CR@2 %", 100, 1),
            ("mor@5", "MOR@5 %", 100, 1), ("kl", "KL(t‖s)", 1, 3), ("kl_own", "KL own", 1, 3),
-           ("train_seconds", "train s", 1, 0)]  # fmt: skip
+           ("seen_cr@1", "seen CR@1 %", 100, 1), ("seen_cr@2", "seen CR@2 %", 100, 1),
+           ("seen_mor@5", "seen MOR@5 %", 100, 1), ("seen_spearman@5", "seen Spearman@5", 1, 3),
+           ("seen_kl", "seen KL", 1, 3), ("train_seconds", "train s", 1, 0)]  # fmt: skip
 
 
-def evaluate(model, tokenizer, test, cfg: ExampleConfig, teacher=None) -> dict:
-    from rlkd_onpolicy.eval import evaluate_translation
+def evaluate(model, tokenizer, test, cfg: ExampleConfig, teacher=None, seen: list[dict] | None = None) -> dict:
+    """BLEU/chrF of greedy translations of `test`; with a teacher, teacher-forced KL and CR/MOR@k on the references
+    and KL on the model's own translations; with `seen` pairs (trained on), the same metrics on those as `seen_*`."""
+    from rlkd_onpolicy.eval import evaluate_translation, teacher_forced_agreement
 
     result = evaluate_translation(
         model, tokenizer, test, cfg.src, cfg.tgt, teacher=teacher, batch_size=cfg.eval_batch_size,
         max_new_tokens=cfg.eval_max_new_tokens, instruction_role=cfg.instruction_role, progress=True,
     )  # fmt: skip
+    if seen and teacher is not None:
+        agreement = teacher_forced_agreement(
+            model, teacher, tokenizer, seen, cfg.src, cfg.tgt, batch_size=max(cfg.eval_batch_size // 2, 1),
+            ks=(1, 2, 5), instruction_role=cfg.instruction_role,
+        )  # fmt: skip
+        result.update({f"seen_{key}": value for key, value in agreement.items() if key != "tokens"})
     result["samples"] = [
         {"ref": p["ref"], "src": p["src"], "tgt": p["tgt"], "hyp": h}
         for p, h in zip(test[:5], result.pop("hypotheses")[:5], strict=True)
@@ -453,10 +497,11 @@ def summarise(runs: list[dict]) -> dict:
 
 def markdown_table(rows: dict[str, dict]) -> str:
     """One row per model; with several seeds, `mean ± half-width of the 95 % interval`."""
-    lines = ["| model | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    columns = [c for c in COLUMNS if any(row.get(c[0]) is not None for row in rows.values())]
+    lines = ["| model | " + " | ".join(c[1] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
         cells = []
-        for key, _, scale, digits in COLUMNS:
+        for key, _, scale, digits in columns:
             value, half = row.get(key), row.get(key + "_ci")
             if value is None:
                 cells.append("")
@@ -469,7 +514,9 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 # Metrics of the paired comparison: (key, title, scale, decimals, higher is better).
 COMPARED = [("bleu", "BLEU", 1, 2, True), ("chrf", "chrF", 1, 2, True), ("mor@5", "MOR@5 %", 100, 2, True),
-            ("kl", "KL(t‖s)", 1, 3, False), ("kl_own", "KL own", 1, 3, False)]  # fmt: skip
+            ("kl", "KL(t‖s)", 1, 3, False), ("kl_own", "KL own", 1, 3, False),
+            ("seen_mor@5", "seen MOR@5 %", 100, 2, True), ("seen_cr@2", "seen CR@2 %", 100, 2, True),
+            ("seen_kl", "seen KL", 1, 3, False)]  # fmt: skip
 
 
 def _number(row: dict, key: str) -> bool:
@@ -499,15 +546,17 @@ def paired_table(runs: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> s
     initial student), with its 95 % t interval, and in words: better / worse / no difference measured."""
     from rlkd_onpolicy.eval.stats import paired_difference, verdict
 
-    header = "| method − baseline | seeds | " + " | ".join(f"Δ {c[1]}" for c in COMPARED) + " |"
-    lines = [header, "|---" * (len(COMPARED) + 2) + "|"]
+    measured = [r for name, _ in pairs for r in runs.get(name, [])]
+    compared = [c for c in COMPARED if any(_number(r, c[0]) for r in measured)]
+    header = "| method − baseline | seeds | " + " | ".join(f"Δ {c[1]}" for c in compared) + " |"
+    lines = [header, "|---" * (len(compared) + 2) + "|"]
     for name, base in pairs:
         if name not in runs or base not in runs:
             continue
         by_seed = {r["seed"]: r for r in runs[base]}
         paired = [(r, by_seed[r["seed"]]) for r in runs[name] if r["seed"] in by_seed]
         cells = []
-        for key, _, scale, digits, higher in COMPARED:
+        for key, _, scale, digits, higher in compared:
             values = [(m[key], b[key]) for m, b in paired if _number(m, key) and _number(b, key)]
             if not values:
                 cells.append("")
@@ -580,7 +629,7 @@ def _duration(seconds: float) -> str:
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in ".-" else "-" for c in name).strip("-")
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name).strip("-")
 
 
 def cached_evaluation(folder: Path | None, key: dict, run):
@@ -654,7 +703,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher.to(device).eval()
     if student_base is None:
-        student_base = student_from_teacher(teacher, cfg.student_layers)
+        student_base = student_from_teacher(teacher, student_layers(cfg, teacher.config.num_hidden_layers))
     elif student_base.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(
             f"--student {cfg.student} has vocab_size {student_base.config.vocab_size}, the teacher "
@@ -689,21 +738,24 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_folder if cfg.teacher_sft_steps else None, eval_key | {"model": "teacher"},
         lambda: evaluate(teacher, tokenizer, data["test"], cfg),
     ) | {"train_seconds": sft_info.get("seconds")}  # fmt: skip
+    # Every method trains on the same pairs (one epoch of steps x batch distinct pairs, spread over every book, unless
+    # distill_pairs asks for fewer, repeated), in the order its seed gives: runs with the same seed are paired (same
+    # data order, same initial student). `seen` are some of them, for the seen-data metrics of RLKD's Table 1.
+    pairs = evenly_spaced(data["train"], cfg.distill_pairs or cfg.distill_steps * cfg.batch_size)
+    seen = evenly_spaced(pairs, cfg.seen_eval_limit) if cfg.seen_eval_limit else None
     announce("eval", "student before distillation", eval_seconds * (teacher_units + 3 * student_units) / 8)
     before_folder = student_folder if student_sft_info is not None else (
         teacher_folder if cfg.teacher_sft_steps and cfg.student is None else None)  # fmt: skip
     rows["student before"] = cached_evaluation(
-        before_folder, eval_key | {"model": "student", "student": cfg.student_key()},
-        lambda: evaluate(student_base, tokenizer, data["test"], cfg, teacher=teacher),
+        before_folder, eval_key | {"model": "student", "student": cfg.student_key(),
+                                   "seen": [p["src"] for p in seen] if seen else None},
+        lambda: evaluate(student_base, tokenizer, data["test"], cfg, teacher=teacher, seen=seen),
     )  # fmt: skip
     if student_sft_info is not None:  # the "train s" of this row is the student's SFT (from the run that made it)
         rows["student before"]["train_seconds"] = student_sft_info["seconds"]
 
     saved = []
     if methods:
-        # Every method trains on the same pairs (one epoch of steps x batch distinct pairs, spread over every book),
-        # in the order its seed gives: runs with the same seed are paired (same data order, same initial student).
-        pairs = evenly_spaced(data["train"], cfg.distill_steps * cfg.batch_size)
         train = as_dataset(pairs, cfg)
         per_run = plan[2][1] / max(len(methods) * len(cfg.seeds), 1)
         for name, mode, weight in methods:
@@ -720,7 +772,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   output_dir=output / "checkpoints", callbacks=[callback])  # fmt: skip
                 seconds = time.perf_counter() - t0
                 announce("eval", f"{name}, seed {seed}", eval_seconds * (teacher_units + 3 * student_units) / 8)
-                run = evaluate(student.eval(), tokenizer, data["test"], cfg, teacher=teacher)
+                run = evaluate(student.eval(), tokenizer, data["test"], cfg, teacher=teacher, seen=seen)
                 loss = [(h["step"], h["loss"]) for h in history if "loss" in h]
                 runs.setdefault(name, []).append(run | {"train_seconds": seconds, "seed": seed, "loss": loss,
                                                         "dev": dev_points})  # fmt: skip

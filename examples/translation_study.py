@@ -4,6 +4,9 @@
     .venv/bin/python examples/translation_study.py teacher --pairs en-fr fr-en es-en --steps 150 --eval-at 50 100 150
     # students: depth x SFT warm start, each distilled and beside the SFT baseline (same steps, batch, lr)
     .venv/bin/python examples/translation_study.py student --pair fr-en --layers 10 12 15 --warm-steps 0 60
+    # why the ranking loss does (not) move the student: soft-rank diagnostics on a teacher/student pair
+    .venv/bin/python examples/translation_study.py rank-diagnosis --teacher artifacts/teacher-<hash> \
+        --student artifacts/student-<hash> --strengths 0.1 1 10
 
 Each measurement is appended to `--out` (JSON lines) as soon as it is made, so a long study keeps what it measured.
 The settings not given here are the example's defaults (`ExampleConfig`), so a row reproduces with the example's flags.
@@ -119,6 +122,52 @@ def student_study(args) -> None:
                 })  # fmt: skip
 
 
+def rank_diagnosis(args) -> None:
+    """Teacher-forced on dev verses, per regularization strength ε: the fraction of tokens whose student soft ranks
+    are hard (no gradient from the ranking loss), of undefined rows, and the per-token gradient norm that each term
+    (forward KL, rank_weight × ranking loss) puts on the student's logits. Soft ranks are shift invariant (log-probs
+    rank as logits do) and soft_rank(z / T, ε) = soft_rank(z, ε T), so ε also covers a temperature on the logits."""
+    import torch
+
+    from rlkd_onpolicy.data import collate_prompt_completion
+    from rlkd_onpolicy.eval.translation import _completion_logits, _examples, _pad_id
+    from rlkd_onpolicy.losses import distillation_loss
+    from rlkd_onpolicy.models import load_model_and_tokenizer
+
+    ex = _example()
+    src, tgt = args.pair.split("-")
+    cfg = ex.ExampleConfig(src=src, tgt=tgt, dev_limit=args.verses)
+    dev = ex.load_data(cfg)["dev"]
+    teacher, tokenizer = load_model_and_tokenizer(str(args.teacher))
+    student, _ = load_model_and_tokenizer(str(args.student))
+    examples = _examples(tokenizer, dev, src, tgt, None, cfg.instruction_role, max_length=cfg.max_length,
+                         max_prompt_length=cfg.max_prompt_length)  # fmt: skip
+    batch = collate_prompt_completion(examples, _pad_id(tokenizer))
+    mask = batch["completion_mask"].bool()
+    with torch.no_grad():
+        teacher_logits = _completion_logits(teacher.eval(), batch, "cpu")
+        student_logits = _completion_logits(student.eval(), batch, "cpu")
+    for strength in args.strengths:
+        logits = student_logits.clone().requires_grad_()
+        stats: dict = {}
+        out = distillation_loss(logits, teacher_logits, loss="fkl", rank_weight=args.rank_weight,
+                                rank_k=args.rank_k, regularization_strength=strength, mask=mask,
+                                reduction="sum", rank_stats=stats)  # fmt: skip
+        tokens = int(mask.sum())
+        (kd_grad,) = torch.autograd.grad(out.kd, logits, retain_graph=True)
+        (rank_grad,) = torch.autograd.grad(args.rank_weight * out.rank, logits)
+        _append(args.out, {
+            "study": "rank-diagnosis", "teacher": str(args.teacher), "student": str(args.student),
+            "strength": strength, "rank_k": args.rank_k, "rank_weight": args.rank_weight,
+            "tokens": tokens, "kd": out.kd.item() / tokens, "rank": out.rank.item() / tokens,
+            "hard_fraction": stats["hard_rows"] / max(stats["rows"], 1),
+            "undefined_fraction": stats["undefined_rows"] / max(stats["rows"], 1),
+            # per-token mean of each term's gradient norm on that token's logits
+            "kd_grad_norm": float(kd_grad[mask].norm(dim=-1).mean()),
+            "rank_grad_norm": float(rank_grad[mask].norm(dim=-1).mean()),
+        })  # fmt: skip
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="study", required=True)
@@ -144,10 +193,18 @@ def main(argv=None) -> None:
     student.add_argument("--modes", nargs="+", default=["sft", "off_policy", "on_policy"])
     student.add_argument("--seeds", type=int, nargs="+", default=[0])
     student.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More flags for the example.")
+    diagnosis = sub.add_parser("rank-diagnosis", help="Soft-rank diagnostics of the ranking loss on dev verses.")
+    diagnosis.add_argument("--teacher", type=Path, required=True)
+    diagnosis.add_argument("--student", type=Path, required=True)
+    diagnosis.add_argument("--pair", default="fr-en")
+    diagnosis.add_argument("--verses", type=int, default=32)
+    diagnosis.add_argument("--strengths", type=float, nargs="+", default=[0.1, 1.0, 10.0, 100.0])
+    diagnosis.add_argument("--rank-k", type=int, default=5)
+    diagnosis.add_argument("--rank-weight", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=Path("runs/study/study.jsonl"))
     parser.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
     args = parser.parse_args(argv)
-    {"teacher": teacher_study, "student": student_study}[args.study](args)
+    {"teacher": teacher_study, "student": student_study, "rank-diagnosis": rank_diagnosis}[args.study](args)
 
 
 if __name__ == "__main__":

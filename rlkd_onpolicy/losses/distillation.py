@@ -43,6 +43,7 @@ def distillation_loss(
     regularization_strength: float = 1.0,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    rank_stats: dict | None = None,
 ) -> DistillationLoss:
     """KD divergence + `rank_weight` × RLKD ranking loss, per token, reduced once.
 
@@ -55,6 +56,8 @@ def distillation_loss(
         rank_dynamic_weighting: scale each token's KD term by its top-k overlap |top-k(p) ∩ top-k(q)| / k (RLKD).
         mask: (...) bool; reduction: "mean", "sum" or "none" (per token); `num_tokens` is always returned, so
             "sum" gives what a trainer needs to divide once per optimizer step.
+        rank_stats: a dict that gains the ranking loss's row counts ("rows", "hard_rows", "undefined_rows"; see
+            `ranking_loss`), for diagnostics; untouched when rank_weight is 0.
 
     Example:
         >>> out = distillation_loss(torch.randn(2, 9, 100), torch.randn(2, 9, 100), loss="fkl", rank_weight=2.0)
@@ -88,13 +91,13 @@ def distillation_loss(
             rank = sparse_ranking_loss(
                 student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob=teacher_tail_logprob,
                 k=rank_k, union=rank_union, regularization_strength=regularization_strength,
-                temperature=temperature, mask=mask, reduction="none",
+                temperature=temperature, mask=mask, reduction="none", stats=rank_stats,
             )
         else:
             rank = ranking_loss(
                 student_logits, teacher_logits, k=rank_k, union=rank_union,
                 regularization_strength=regularization_strength, temperature=temperature, mask=mask,
-                reduction="none",
+                reduction="none", stats=rank_stats,
             )
     else:
         rank = torch.zeros_like(kd)

@@ -130,19 +130,41 @@ def topk_overlap(teacher_top: torch.Tensor, student_top: torch.Tensor) -> torch.
     return (student_top.unsqueeze(-1) == teacher_top.unsqueeze(-2)).any(-1).double().mean(-1)
 
 
+def hard_rank_rows(soft: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Rows of `soft = soft_rank(values)` that equal the hard ranks: no two values were pooled by the isotonic
+    regression, so the soft rank is locally constant there and passes no gradient (values far apart compared with
+    the regularization strength)."""
+    hard = values.argsort(dim=-1).argsort(dim=-1).to(soft.dtype) + 1.0
+    return ((soft - hard).abs() <= 1e-6 * values.shape[-1]).all(-1)
+
+
 def _rank_rows(
-    student: torch.Tensor, teacher_values_fn, teacher_top, student_top, union, regularization_strength
-) -> torch.Tensor:
-    """1 − ρ(soft ranks) per row of `student (m, V)` (scaled logits); `teacher_values_fn(rows, ids) -> (g, n)`."""
+    student: torch.Tensor, teacher_values_fn, teacher_top, student_top, union, regularization_strength,
+    stats: dict | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """1 − ρ(soft ranks) per row of `student (m, V)` (scaled logits); `teacher_values_fn(rows, ids) -> (g, n)`.
+
+    `stats`, when given, gains the counts behind the trainer's ranking diagnostics: "rows", "hard_rows" (student
+    soft ranks equal to the hard ranks: no gradient) and "undefined_rows" (constant ranks: the row contributes 0).
+    """
+    if stats is not None:
+        for key in ("rows", "hard_rows", "undefined_rows"):
+            stats.setdefault(key, 0)
+        stats["rows"] += student.shape[0]
     if student.shape[0] == 0:
         return student.sum(-1)  # keeps the graph, so an all-masked batch still back-propagates zeros
     loss = student.new_zeros(student.shape[0])
     for rows, ids in union_groups(teacher_top, student_top, union):
-        student_ranks = soft_rank(student[rows].gather(-1, ids), regularization_strength)
+        values = student[rows].gather(-1, ids)
+        student_ranks = soft_rank(values, regularization_strength)
         with torch.no_grad():
             teacher_ranks = soft_rank(teacher_values_fn(rows, ids), regularization_strength)
         rho, defined = pearson_rows(student_ranks, teacher_ranks)
         loss = loss.index_put((rows,), torch.where(defined, 1.0 - rho, torch.zeros_like(rho)))
+        if stats is not None:
+            with torch.no_grad():
+                stats["hard_rows"] += int(hard_rank_rows(student_ranks.detach(), values.detach()).sum())
+                stats["undefined_rows"] += int((~defined).sum())
     return loss
 
 
@@ -165,6 +187,7 @@ def ranking_loss(
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    stats: dict | None = None,
 ) -> Reduced:
     """RLKD ranking loss 1 − Spearman(soft ranks) over the union of both top-k, from full logits (Peng & Zhang 2024).
 
@@ -175,6 +198,8 @@ def ranking_loss(
         union: "exact" (per-row union, duplicates removed) or "concat" (teacher then student top-k, duplicates kept).
         regularization_strength: ε of the soft rank; values are logits / temperature.
         mask, reduction: as in the divergences. A row with constant ranks (undefined correlation) contributes 0.
+        stats: a dict that gains counts of the counted rows, of those whose soft ranks are hard (no gradient) and
+            of those with an undefined correlation ("rows", "hard_rows", "undefined_rows"), summed over calls.
 
     Example:
         >>> ranking_loss(torch.randn(2, 5, 100), torch.randn(2, 5, 100), k=5)
@@ -198,6 +223,7 @@ def ranking_loss(
             student.detach().topk(k, dim=-1).indices,
             union,
             regularization_strength,
+            stats,
         )
 
     return masked_token_loss(per_token, (student_logits, teacher_logits), student_logits.shape[:-1], mask, reduction)
@@ -227,6 +253,7 @@ def sparse_ranking_loss(
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    stats: dict | None = None,
 ) -> Reduced:
     """The ranking loss against a sparse teacher (top-K ids and log-probs, at the loss temperature).
 
@@ -234,6 +261,7 @@ def sparse_ranking_loss(
     are shift invariant, so log-probs rank exactly as logits do). A student top-k id outside the cached K gets
     the teacher value log(tail mass / (V − K)), the mean log-prob of an uncached token, which is never above the
     K-th cached one; several such ids tie. With K = V this is exactly `ranking_loss` on the teacher's logits.
+    `stats` as in `ranking_loss`.
     """
     check_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob, mask)
     vocab, cached = student_logits.shape[-1], teacher_topk_ids.shape[-1]
@@ -259,6 +287,7 @@ def sparse_ranking_loss(
             student.detach().topk(k, dim=-1).indices,
             union,
             regularization_strength,
+            stats,
         )
 
     return masked_token_loss(per_token, tensors, student_logits.shape[:-1], mask, reduction)

@@ -18,7 +18,7 @@ def test_quick_preset_distils_the_student_towards_the_teacher(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "distill_translation.py"), "--quick",
          "--output-dir", str(out), "--artifacts-dir", str(artifacts), "--student-sft-steps", "2",
-         "--sampling-mode", "on_policy", "sft"],
+         "--sampling-mode", "on_policy", "sft", "--seen-eval-limit", "4"],
         cwd=ROOT, capture_output=True, text=True, timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -37,6 +37,11 @@ def test_quick_preset_distils_the_student_towards_the_teacher(tmp_path):
     for row in after:
         assert math.isfinite(row["kl"]) and row["kl"] < before["kl"], (row["kl"], before["kl"])
     assert math.isfinite(baseline["kl"])
+    # RLKD Table 1's seen-data view: teacher-forced metrics on 4 of the pairs the methods trained on
+    for row in [before, baseline, *after]:
+        assert math.isfinite(row["seen_kl"]) and 0.0 <= row["seen_mor@5"] <= 1.0, row
+        assert {"seen_cr@1", "seen_cr@2", "seen_spearman@5"} <= set(row), sorted(row)
+    assert "seen MOR@5 %" in (out / "results.md").read_text()
     # the KL on each student's own translations (the on-policy view) is reported too
     assert all(math.isfinite(row["kl_own"]) and row["kl_own"] >= 0.0 for row in [before, baseline, *after])
     assert (out / "results.md").read_text().count("|") > 20
@@ -46,3 +51,15 @@ def test_quick_preset_distils_the_student_towards_the_teacher(tmp_path):
     student_sft = results["student_sft"]
     assert [step for step, _ in student_sft["loss"]] == [1, 2], student_sft["loss"]
     assert all(math.isfinite(loss) for _, loss in student_sft["loss"])
+    # the distilled student (first seed of each method) is saved and loads as a translator, prompted as trained
+    saved = out / "students" / "on_policy-fkl-rank-0"
+    assert (saved / "translation.json").is_file() and (saved / "config.json").is_file(), sorted(out.iterdir())
+    from rlkd_onpolicy.eval import load_translator
+
+    translate = load_translator(saved, max_new_tokens=12)
+    settings = json.loads((saved / "translation.json").read_text())
+    verse = {"fr": "Au commencement était la Parole.", "en": "In the beginning was the Word."}[settings["src"]]
+    text = translate(verse)
+    assert isinstance(text, str) and text.strip(), repr(text)
+    config = json.loads((saved / "config.json").read_text())
+    assert config["num_hidden_layers"] == results["config"]["student_layers"]

@@ -7,7 +7,7 @@ import torch
 from loss_reference import pearson, rank_loss_per_token, soft_rank_pav
 
 from rlkd_onpolicy._imports import is_torchsort_available
-from rlkd_onpolicy.losses import ranking_loss, soft_rank, sparse_ranking_loss, teacher_topk
+from rlkd_onpolicy.losses import distillation_loss, ranking_loss, soft_rank, sparse_ranking_loss, teacher_topk
 
 
 def _values(*shape, scale=2.0, seed=0):
@@ -220,3 +220,52 @@ def test_ranking_gradient_is_finite_when_the_teacher_holds_extreme_logits(extrem
     torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-5)
     assert grad.abs().sum() > 0  # the rows with finite teacher values still train
+
+
+# -- diagnostics: the row counts behind the trainer's rank_hard_fraction / rank_undefined_fraction ----------------
+
+
+def test_stats_count_hard_rows_which_pass_no_gradient():
+    torch.manual_seed(0)
+    teacher = torch.randn(6, 40, dtype=torch.float64)
+    for scale, expect_hard in ((100.0, True), (0.01, False)):
+        # distinct values `scale` apart: far apart (100) no two candidates pool; close (0.01) all of them do
+        student = torch.stack([torch.randperm(40) for _ in range(6)]).double().mul(scale).requires_grad_()
+        stats: dict = {}
+        ranking_loss(student, teacher, k=5, regularization_strength=1.0, reduction="sum", stats=stats).backward()
+        assert stats["rows"] == 6 and stats["undefined_rows"] == 0, stats
+        # far-apart logits: every row's soft ranks are the hard ranks and the gradient is exactly zero
+        assert stats["hard_rows"] == (6 if expect_hard else 0), (scale, stats)
+        assert bool((student.grad == 0).all()) == expect_hard, scale
+
+
+def test_stats_count_undefined_rows_and_only_counted_tokens():
+    student = torch.randn(2, 3, 30, dtype=torch.float64)
+    teacher = torch.randn(2, 3, 30, dtype=torch.float64)
+    teacher[0, 0] = 0.0  # a constant teacher row: its ranks are constant, the correlation undefined
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    stats: dict = {}
+    ranking_loss(student, teacher, k=4, mask=mask, stats=stats)
+    ranking_loss(student, teacher, k=4, mask=mask, stats=stats)  # counts add up over calls
+    assert stats == {"rows": 6, "hard_rows": stats["hard_rows"], "undefined_rows": 2}, stats
+
+
+def test_sparse_stats_match_dense_with_the_full_vocabulary():
+    torch.manual_seed(1)
+    student = torch.randn(5, 12, dtype=torch.float64) * 3
+    teacher = torch.randn(5, 12, dtype=torch.float64) * 3
+    logprobs = teacher.log_softmax(-1)
+    dense, sparse = {}, {}
+    ranking_loss(student, teacher, k=3, stats=dense)
+    ids = torch.arange(12).expand(5, 12)
+    sparse_ranking_loss(student, ids, logprobs, k=3, stats=sparse)
+    assert dense == sparse and dense["rows"] == 5, (dense, sparse)
+
+
+def test_distillation_loss_passes_rank_stats_through():
+    stats: dict = {}
+    distillation_loss(torch.randn(2, 4, 20), torch.randn(2, 4, 20), rank_weight=2.0, rank_stats=stats)
+    assert stats["rows"] == 8
+    untouched: dict = {}
+    distillation_loss(torch.randn(2, 4, 20), torch.randn(2, 4, 20), rank_weight=0.0, rank_stats=untouched)
+    assert untouched == {}
