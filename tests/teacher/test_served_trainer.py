@@ -73,7 +73,7 @@ def test_training_with_a_served_teacher_equals_the_local_sparse_teacher(tmp_path
         for key in a:  # the tail from the top-K vs from the full distribution: ~1e-4 relative (docs)
             assert a[key] == pytest.approx(b[key], rel=2e-3, abs=1e-5), f"step {step} {key}: {a[key]} vs {b[key]}"
     if mode == "speculative":
-        assert 0 < got[0]["acceptance_rate"] <= 1
+        assert 0 < got[0]["acceptance_rate"] < 1  # drafts kept and drafts replaced by the teacher
 
 
 class _CloseAfterStep(TrainerCallback):
