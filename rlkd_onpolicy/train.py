@@ -5,6 +5,8 @@
         --config configs/train/speculative.yaml
     python -m rlkd_onpolicy.train --student_model Qwen/Qwen2.5-0.5B-Instruct --teacher_model Qwen/Qwen2.5-7B-Instruct \\
         --dataset_name trl-lib/tldr --output_dir out --sampling_mode speculative
+    python -m rlkd_onpolicy.train --config configs/train/served_teacher.yaml --teacher_server http://teacher:8000 \
+        --teacher_top_k 64
 
 Every `RLKDConfig` / `TrainingArguments` field is a flag and a YAML key; a flag overrides the YAML.
 The dataset is TRL prompt–completion (a hub name, a saved `datasets` folder, or a json/jsonl/parquet file).
@@ -17,8 +19,12 @@ from pathlib import Path
 @dataclass
 class ModelDataArguments:
     student_model: str = field(metadata={"help": "The student: a hub name or a local path."})
-    teacher_model: str = field(metadata={"help": "The teacher: a hub name or a local path (same tokenizer)."})
     dataset_name: str = field(metadata={"help": "A hub dataset, a saved datasets folder, or a json/jsonl file."})
+    teacher_model: str | None = field(
+        default=None,
+        metadata={"help": "The teacher: a hub name or a local path (same tokenizer). Not with --teacher_server (the "
+                          "teacher on a vLLM server) or --teacher_cache (its top-k read from a cache)."},
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on (None: none)."})

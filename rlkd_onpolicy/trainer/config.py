@@ -3,6 +3,7 @@
 Every field maps one to one onto a key of the training YAMLs in `configs/` (read with `TrlParser`, `--config`).
 """
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,38 @@ class RLKDConfig(TrainingArguments):
     missing_mass: str = field(
         default="tail", metadata={"help": f"Sparse teacher: the mass outside the top-K, one of {MISSING_MASS}."}
     )
+    # -- a teacher served by vLLM (docs/served_teacher.md) -----------------------------------------------------
+    teacher_server: str | None = field(
+        default=None,
+        metadata={"help": "Base URL of a vLLM server with the teacher, e.g. 'http://teacher:8000': the trainer asks "
+                          "it for the teacher's top-teacher_top_k prompt log-probs (a sparse teacher, like a cache) "
+                          "and never loads a teacher model. Needs teacher_top_k (≤ the server's --max-logprobs) and "
+                          "temperature=1; checked against the student's tokenizer at construction."},
+    )
+    teacher_server_model: str | None = field(
+        default=None, metadata={"help": "The served model's name; None = the only model the server serves."}
+    )
+    teacher_server_timeout: float = field(
+        default=300.0, metadata={"help": "teacher_server: seconds one HTTP request may take (> 0)."}
+    )
+    teacher_server_retries: int = field(
+        default=4,
+        metadata={"help": "teacher_server: further attempts after the first on connection errors, timeouts and HTTP "
+                          "429/5xx (≥ 0), waiting teacher_server_backoff · 2^r seconds, at most "
+                          "teacher_server_max_backoff; then an error naming the URL and the step."},
+    )
+    teacher_server_backoff: float = field(
+        default=1.0, metadata={"help": "teacher_server: seconds before the first retry (≥ 0), doubling after."}
+    )
+    teacher_server_max_backoff: float = field(
+        default=30.0, metadata={"help": "teacher_server: the longest wait between two attempts, in seconds."}
+    )
+    teacher_server_max_concurrency: int = field(
+        default=8, metadata={"help": "teacher_server: requests in flight at once (≥ 1); vLLM batches them."}
+    )
+    teacher_server_rows_per_request: int = field(
+        default=4, metadata={"help": "teacher_server: rollout rows per scoring request (≥ 1)."}
+    )
     # -- data and models -----------------------------------------------------------------------------------------
     max_length: int | None = field(
         default=1024, metadata={"help": "Prompt + dataset completion tokens at most; longer completions are cut."}
@@ -200,8 +233,53 @@ class RLKDConfig(TrainingArguments):
             and self.max_prompt_length >= self.max_length
         ):
             fail("max_prompt_length", self.max_prompt_length, f"it must be < max_length={self.max_length}.")
+        if self.teacher_server is not None:
+            self._check_teacher_server(fail)
         if self.teacher_cache is not None and self.sampling_mode not in ("off_policy", "seq_kd"):
             fail("sampling_mode", self.sampling_mode, "a teacher_cache holds the teacher on fixed sequences; modes "
                  "that generate new ones (on_policy, mixed, speculative) need an online teacher_model.")
         if not self.metric_ks or any(k < 1 for k in self.metric_ks):
             fail("metric_ks", self.metric_ks, "use a non-empty list of integers ≥ 1.")
+
+    def teacher_server_options(self):
+        """The `ServerOptions` of the teacher_server_* fields."""
+        from rlkd_onpolicy.teacher.served import ServerOptions
+
+        return ServerOptions(
+            timeout=self.teacher_server_timeout,
+            retries=self.teacher_server_retries,
+            backoff=self.teacher_server_backoff,
+            max_backoff=self.teacher_server_max_backoff,
+            max_concurrency=self.teacher_server_max_concurrency,
+            rows_per_request=self.teacher_server_rows_per_request,
+        )
+
+    def _check_teacher_server(self, fail) -> None:
+        """What a served teacher can and cannot do, refused here rather than at the first step."""
+        url = self.teacher_server
+        if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
+            fail("teacher_server", url, "it must look like 'http://host:port' (the server's base URL, no /v1).")
+        if self.teacher_cache is not None:
+            fail("teacher_server", url, f"it and teacher_cache={self.teacher_cache!r} are two teachers: set one.")
+        if self.teacher_top_k is None:
+            fail("teacher_top_k", None, "a teacher_server returns the teacher's top-K log-probs, not its logits: "
+                 "set teacher_top_k (e.g. 20, at most the server's --max-logprobs).")
+        if self.temperature != 1.0:
+            fail("temperature", self.temperature, "a teacher_server gives log-probs at temperature 1 only (at T they "
+                 "need the normaliser over the whole vocabulary): use 1.0, or a local teacher / a cache built at T.")
+        for name in ("teacher_model_init_kwargs", "teacher_offload_to_cpu"):
+            if getattr(self, name):
+                fail(name, getattr(self, name), "it configures a local teacher model; with teacher_server there is "
+                     "none: leave it unset.")
+        if self.sampling_mode == "speculative":
+            if self.skd_verify_on != "raw":
+                fail("skd_verify_on", self.skd_verify_on, "with a teacher_server the top-K test reads the rank the "
+                     "server returns for the draft (its raw distribution); the warped (top-p) nucleus cannot be "
+                     "decided from the top-K: use 'raw', or a local teacher.")
+            if self.skd_top_k > self.teacher_top_k:
+                fail("skd_top_k", self.skd_top_k, f"with a teacher_server it must be ≤ teacher_top_k="
+                     f"{self.teacher_top_k} (a round's top-K is also the loss signal at the drafts).")
+        try:
+            self.teacher_server_options()
+        except ValueError as error:  # ServerOptions names its own field first: "timeout=0 must be ..."
+            raise ValueError(f"RLKDConfig.teacher_server_{error}") from None

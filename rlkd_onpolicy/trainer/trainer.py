@@ -5,7 +5,8 @@ One optimizer step, read top to bottom:
    models in eval mode and no gradient), so that the number of completion tokens in the *whole step* (all
    micro-batches, all ranks) is known before the first backward;
 2. `compute_loss` runs the student on the rollout, the teacher scores it under `no_grad` (full logits, or its
-   top-K as a cache stores it), and `distillation_loss` gives the summed KD + ranking loss, divided by that count;
+   top-K as a cache stores it and a vLLM server returns it: `teacher_server`), and `distillation_loss` gives the
+   summed KD + ranking loss, divided by that count;
 3. before `optimizer.step()`, a NaN/inf loss or gradient stops the run or skips the step (`nonfinite_policy`).
 So gradient accumulation and data parallelism give exactly the gradient of one big batch. Checkpoints are written
 atomically and hold the rollout generator too (reliability.py; guarantees and tests in docs/reliability.md).
@@ -33,6 +34,7 @@ from rlkd_onpolicy.models import check_own_forward
 from rlkd_onpolicy.sampling import SOURCE_TEACHER, Rollout, RolloutSampler
 from rlkd_onpolicy.sampling.generate import model_device, output_vocab_size
 from rlkd_onpolicy.sampling.graphs import graphable
+from rlkd_onpolicy.teacher.served_sampling import SERVED_SAMPLING_MODES, ServedRolloutSampler
 from rlkd_onpolicy.trainer.config import RLKDConfig
 from rlkd_onpolicy.trainer.deepspeed import is_zero3, prepare_teacher, teacher_for_generation
 from rlkd_onpolicy.trainer.reliability import (
@@ -102,7 +104,8 @@ class RLKDTrainer(Trainer):
 
     Args:
         model: the student, a causal LM or a name/path (loaded with `args.model_init_kwargs`).
-        teacher_model: the teacher, a causal LM or a name/path (`args.teacher_model_init_kwargs`).
+        teacher_model: the teacher, a causal LM or a name/path (`args.teacher_model_init_kwargs`); None with
+            `args.teacher_cache` (its top-K read from a cache) or `args.teacher_server` (a vLLM server scores).
         args: an `RLKDConfig`.
         train_dataset / eval_dataset: TRL prompt–completion datasets, standard (`prompt`, `completion` strings) or
             conversational (lists of messages, rendered with the chat template). The loss covers completion
@@ -138,8 +141,12 @@ class RLKDTrainer(Trainer):
             args = RLKDConfig(output_dir="rlkd-output")
         if not isinstance(args, RLKDConfig):
             raise TypeError(f"args must be an RLKDConfig, got {type(args).__name__}.")
-        if teacher_model is None and args.teacher_cache is None:
-            raise ValueError("teacher_model is required (a causal LM or a name/path) unless args.teacher_cache is set.")
+        if teacher_model is None and args.teacher_cache is None and args.teacher_server is None:
+            raise ValueError("teacher_model is required (a causal LM or a name/path) unless args.teacher_cache or "
+                             "args.teacher_server is set.")
+        if teacher_model is not None and args.teacher_server is not None:
+            raise ValueError(f"teacher_model and args.teacher_server={args.teacher_server!r} are two teachers: pass "
+                             "teacher_model=None to distil from the server, or leave teacher_server unset.")
         check_output_dir_writable(args.output_dir)
         if processing_class is None:
             if not isinstance(model, str):
@@ -167,6 +174,14 @@ class RLKDTrainer(Trainer):
         if teacher is not None:
             check_own_forward(teacher, "teacher_model")
         self.vocab_size = check_vocabularies(model, teacher, tokenizer)
+        self.served_teacher = None
+        if args.teacher_server is not None:  # checks the server (answers, tokenizer, top-K) now, before training
+            from rlkd_onpolicy.teacher.served import ServedTeacher
+
+            self.served_teacher = ServedTeacher(
+                args.teacher_server, tokenizer=tokenizer, top_k=args.teacher_top_k, vocab_size=self.vocab_size,
+                model=args.teacher_server_model, temperature=args.temperature, options=args.teacher_server_options(),
+            )  # fmt: skip
         if self.teacher_cache is not None and self.teacher_cache.header.vocab_size < self.vocab_size:
             raise ValueError(
                 f"The cache's teacher has {self.teacher_cache.header.vocab_size} vocabulary rows, fewer than the "
@@ -222,7 +237,25 @@ class RLKDTrainer(Trainer):
         self.generation_cache = resolve_generation_cache(
             args.generation_cache, mode, student, teacher_model, self.accelerator.distributed_type
         )
-        self.sampler = RolloutSampler(
+        if self.served_teacher is not None and mode in SERVED_SAMPLING_MODES:
+            self.sampler = ServedRolloutSampler(
+                mode, student, self.served_teacher, vocab_size=self.vocab_size, max_new_tokens=args.max_new_tokens,
+                temperature=args.sampling_temperature, top_p=args.top_p,
+                teacher_temperature=args.teacher_sampling_temperature, skd_top_k=args.skd_top_k,
+                skd_draft_len=args.skd_draft_len, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        else:
+            self.sampler = self._local_sampler(args, mode, student, teacher_model, tokenizer)
+        # Row seeds and mixed-mode coins come from this generator; one stream per rank.
+        self.rollout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
+        self._eval_generator = self._new_eval_generator()
+        self._evaluating = False
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy, args.nonfinite_max_consecutive_skips)
+
+    def _local_sampler(self, args: RLKDConfig, mode: str, student, teacher_model, tokenizer) -> RolloutSampler:
+        return RolloutSampler(
             mode,
             student,
             teacher_model,
@@ -238,12 +271,6 @@ class RLKDTrainer(Trainer):
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        # Row seeds and mixed-mode coins come from this generator; one stream per rank.
-        self.rollout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
-        self._eval_generator = self._new_eval_generator()
-        self._evaluating = False
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy, args.nonfinite_max_consecutive_skips)
 
     # -- data ----------------------------------------------------------------------------------------------------
 
@@ -286,7 +313,7 @@ class RLKDTrainer(Trainer):
         mode = self.sampler.mode  # off_policy when a cache stands for the teacher
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as student:
             self.sampler.student = student
-            if mode in ("seq_kd", "speculative"):
+            if mode in ("seq_kd", "speculative") and self.teacher is not None:
                 with teacher_for_generation(self.teacher, self.accelerator) as teacher:
                     self.sampler.teacher = teacher
                     return self._sample(batch)
@@ -366,6 +393,9 @@ class RLKDTrainer(Trainer):
         teacher_kwargs: dict[str, Any] = {}
         if self.teacher_cache is not None:
             teacher_kwargs = self._cached_teacher(inputs["example_index"], rollout)
+        elif self.served_teacher is not None:  # a SparseTeacher, as the cache's; an error names the URL and step
+            step = None if self._evaluating else self.state.global_step + 1
+            teacher_kwargs = self.served_teacher.score(rollout, step=step).loss_inputs()
         else:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=rollout.sequences, attention_mask=rollout.attention_mask)

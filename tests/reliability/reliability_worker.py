@@ -2,6 +2,8 @@
 
     python tests/reliability/reliability_worker.py --out /tmp/r --mode mixed --kill-after-step 6
     python tests/reliability/reliability_worker.py --out /tmp/r --mode mixed --resume /tmp/r/run/checkpoint-4
+    python tests/reliability/reliability_worker.py --out /tmp/r --teacher-server http://127.0.0.1:8000 \
+        --model-dir <the served model's folder>       # the teacher on a vLLM server (tests/teacher/)
 
 Appends one JSON line per optimizer step to `<out>/steps.jsonl` (fsynced, so a SIGKILL loses nothing written):
 the step, its logged loss and a SHA-256 of the step's rollouts (sequences, masks, token sources). At the end
@@ -76,21 +78,36 @@ def main() -> None:
     parser.add_argument("--kill-after-step", type=int, default=None, help="SIGKILL right after logging this step")
     parser.add_argument("--kill-in-save", type=int, default=None, help="SIGKILL midway through saving this step")
     parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'last' (resume_from_checkpoint=True)")
+    parser.add_argument("--teacher-server", default=None, help="distil from this vLLM server, not a local teacher")
+    parser.add_argument("--model-dir", default=None, help="with --teacher-server: the served model's folder (its "
+                        "tokenizer, and a 1-layer student cut from it)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # the runs compared bit for bit must reduce in the same order
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    served = {}
+    if args.teacher_server:
+        served = dict(teacher_server=args.teacher_server, teacher_top_k=8, teacher_sampling_temperature=1.0)
     config = RLKDConfig(
         output_dir=str(out / "run"), sampling_mode=args.mode, per_device_train_batch_size=2, max_steps=args.steps,
         learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=args.save_steps, report_to="none",
         seed=0, max_new_tokens=6, skd_top_k=5, skd_draft_len=3, rank_k=3, metric_ks=[1, 3], disable_tqdm=True,
-        lmbda=0.5,
+        lmbda=0.5, **served,
     )
-    student = tiny_llama(64, hidden=32, layers=1, seed=2)
-    teacher = tiny_llama(64, hidden=48, layers=2, seed=1, sharpen=4.0)
+    if args.teacher_server:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rlkd_onpolicy.models import student_from_teacher
+
+        student = student_from_teacher(AutoModelForCausalLM.from_pretrained(args.model_dir), layers=1)
+        teacher, tokenizer = None, AutoTokenizer.from_pretrained(args.model_dir)
+    else:
+        student = tiny_llama(64, hidden=32, layers=1, seed=2)
+        teacher = tiny_llama(64, hidden=48, layers=2, seed=1, sharpen=4.0)
+        tokenizer = tiny_tokenizer()
     trainer = RecordingTrainer(model=student, teacher_model=teacher, args=config, train_dataset=tiny_pairs(12),
-                               processing_class=tiny_tokenizer())
+                               processing_class=tokenizer)
     trainer.kill_in_save_at = args.kill_in_save
     trainer.add_callback(StepRecorder(trainer, out / "steps.jsonl", args.kill_after_step))
     resume = True if args.resume == "last" else args.resume

@@ -87,3 +87,52 @@ def test_rollout_spans_strip_left_padding():
 def test_rollout_layouts_the_server_cannot_score_are_refused(prompt, completion, match):
     with pytest.raises(ValueError, match=match):
         rollout_spans(_rollout(prompt, completion))
+
+
+SERVER = "http://127.0.0.1:1"  # never contacted: every refusal below comes before any request
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(), r"teacher_top_k=None is invalid: a teacher_server returns the teacher's top-K"),
+        (dict(teacher_server="teacher:8000"), r"teacher_server='teacher:8000' is invalid: .*'http://host:port'"),
+        # two teachers, named both
+        (dict(teacher_cache="cache/", sampling_mode="off_policy"),
+         r"teacher_server='http://127.0.0.1:1' is invalid: it and teacher_cache='cache/' are two teachers"),
+        (dict(temperature=2.0), r"temperature=2.0 is invalid: a teacher_server gives log-probs at temperature 1"),
+        (dict(teacher_offload_to_cpu=True), r"teacher_offload_to_cpu=True is invalid: .*local teacher model"),
+        # SKD: the warped nucleus is not in the top-K; the round's top-K is the loss signal at the drafts
+        (dict(sampling_mode="speculative", skd_verify_on="warped"), r"skd_verify_on='warped' is invalid"),
+        (dict(sampling_mode="speculative", skd_top_k=30), r"skd_top_k=30 is invalid: .*≤ teacher_top_k=20"),
+        # the ServerOptions checks, named by their RLKDConfig field
+        (dict(teacher_server_timeout=0), r"RLKDConfig.teacher_server_timeout=0 must be > 0"),
+        (dict(teacher_server_retries=-1), r"RLKDConfig.teacher_server_retries=-1 must be an int >= 0"),
+        (dict(teacher_server_max_concurrency=0), r"RLKDConfig.teacher_server_max_concurrency=0 must be an int >= 1"),
+    ],
+)  # fmt: skip
+def test_config_refuses_what_a_served_teacher_cannot_do(tmp_path, kwargs, match):
+    from rlkd_onpolicy.trainer import RLKDConfig
+
+    kwargs = {"teacher_server": SERVER, "teacher_top_k": None if not kwargs else 20, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        RLKDConfig(output_dir=str(tmp_path), report_to="none", **kwargs)
+
+
+def test_config_builds_the_server_options(tmp_path):
+    from rlkd_onpolicy.trainer import RLKDConfig
+
+    args = RLKDConfig(output_dir=str(tmp_path), report_to="none", teacher_server=SERVER, teacher_top_k=20,
+                      teacher_server_retries=1, teacher_server_rows_per_request=2)  # fmt: skip
+    assert args.teacher_server_options() == ServerOptions(retries=1, rows_per_request=2)
+
+
+def test_trainer_refuses_a_teacher_model_beside_a_server(tmp_path):
+    from tiny_models import tiny_llama, tiny_pairs
+
+    from rlkd_onpolicy.trainer import RLKDConfig, RLKDTrainer
+
+    args = RLKDConfig(output_dir=str(tmp_path), report_to="none", teacher_server=SERVER, teacher_top_k=8, rank_k=3)
+    with pytest.raises(ValueError, match=r"teacher_model and args.teacher_server='http://127.0.0.1:1' are two"):
+        RLKDTrainer(model=tiny_llama(64), teacher_model=tiny_llama(64), args=args, train_dataset=tiny_pairs(4),
+                    processing_class=tiny_tokenizer())  # fmt: skip

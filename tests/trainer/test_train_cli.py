@@ -11,12 +11,13 @@ from rlkd_onpolicy.train import ModelDataArguments, main
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_YAMLS = sorted((ROOT / "configs" / "train").glob("*.yaml"))
+SERVED = "served_teacher"  # the teacher on a vLLM server (docs/served_teacher.md); every other YAML is a mode
 
 
 def test_one_yaml_per_sampling_mode():
     from rlkd_onpolicy.trainer import SAMPLING_MODES
 
-    assert {p.stem for p in TRAIN_YAMLS} == set(SAMPLING_MODES)
+    assert {p.stem for p in TRAIN_YAMLS} == {*SAMPLING_MODES, SERVED}
 
 
 @pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: p.stem)
@@ -34,8 +35,11 @@ def test_yaml_parses_into_the_config(path, tmp_path):
     script_args, args = TrlParser((ModelDataArguments, RLKDConfig)).parse_args_and_config(
         ["--config", str(config_file)]
     )
-    assert args.sampling_mode == path.stem
-    assert script_args.teacher_model and script_args.student_model
+    if path.stem == SERVED:  # a server stands for the teacher: no teacher_model
+        assert args.teacher_server and args.teacher_top_k and script_args.teacher_model is None
+    else:
+        assert args.sampling_mode == path.stem and script_args.teacher_model
+    assert script_args.student_model
 
 
 def test_cli_trains_from_a_yaml_on_local_files(tmp_path):
