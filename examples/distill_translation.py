@@ -66,6 +66,15 @@ class ExampleConfig:
     teacher_sft_steps: int = field(default=250, metadata={"help": "SFT steps of the teacher on train (0: use as is)."})
     teacher_lr: float = field(default=2e-4, metadata={"help": "Teacher SFT learning rate."})
     sft_batch_size: int = field(default=8, metadata={"help": "Teacher SFT batch size."})
+    teacher_server: str | None = field(
+        default=None, metadata={"help": "Distil from the teacher on this vLLM server ('http://host:port'; the example "
+                                        "starts none, docs/served_teacher.md shows the command). It must serve the "
+                                        "teacher this run uses (the artifacts/teacher-<hash>/ folder); the local "
+                                        "teacher still evaluates."},
+    )  # fmt: skip
+    teacher_top_k: int = field(
+        default=64, metadata={"help": "With --teacher-server: log-probs per position (<= the server's --max-logprobs)."}
+    )  # fmt: skip
     max_length: int = field(default=192, metadata={"help": "Max prompt + completion tokens in training."})
     max_prompt_length: int = field(default=128, metadata={"help": "Max prompt tokens (chat template included)."})
     # student
@@ -116,7 +125,7 @@ class ExampleConfig:
         for name in ("teacher_sft_steps", "student_sft_steps", "distill_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
-        for name in ("sft_batch_size", "batch_size", "max_length", "rank_k", "max_new_tokens", "student_layers",
+        for name in ("sft_batch_size", "batch_size", "max_length", "rank_k", "teacher_top_k", "max_new_tokens", "student_layers",
                      "curve_every", "eval_batch_size", "eval_max_new_tokens", "dev_limit",
                      "max_prompt_length"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -392,6 +401,8 @@ def rlkd_config(args: ExampleConfig, *, sampling_mode: str, rank_weight: float, 
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
         per_device_train_batch_size=args.batch_size,
+        teacher_server=args.teacher_server,
+        teacher_top_k=args.teacher_top_k if args.teacher_server else None,
         max_steps=args.distill_steps,
         learning_rate=args.distill_lr,
         lr_scheduler_type="constant",
@@ -419,7 +430,8 @@ def distill(student, teacher, tokenizer, train, args: ExampleConfig, *, sampling
         return [{"step": step, "loss": loss} for step, loss in info["loss"]]
     config = rlkd_config(args, sampling_mode=sampling_mode, rank_weight=rank_weight, seed=seed, output_dir=output_dir)
     trainer = RLKDTrainer(
-        model=student, teacher_model=teacher, args=config, train_dataset=train, processing_class=tokenizer,
+        model=student, teacher_model=None if args.teacher_server else teacher, args=config, train_dataset=train,
+        processing_class=tokenizer,
         callbacks=list(callbacks),
     )  # fmt: skip
     trainer.train()
