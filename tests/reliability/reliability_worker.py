@@ -85,7 +85,7 @@ def main() -> None:
         output_dir=str(out / "run"), sampling_mode=args.mode, per_device_train_batch_size=2, max_steps=args.steps,
         learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=args.save_steps, report_to="none",
         seed=0, max_new_tokens=6, skd_top_k=5, skd_draft_len=3, rank_k=3, metric_ks=[1, 3], disable_tqdm=True,
-        lmbda=0.5,
+        lmbda=0.5 if args.mode == "mixed" else None,  # lmbda belongs to mixed only (a set-but-ignored one is refused)
     )
     student = tiny_llama(64, hidden=32, layers=1, seed=2)
     teacher = tiny_llama(64, hidden=48, layers=2, seed=1, sharpen=4.0)
