@@ -125,8 +125,8 @@ class ExampleConfig:
         for name in ("teacher_sft_steps", "student_sft_steps", "distill_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
-        for name in ("sft_batch_size", "batch_size", "max_length", "rank_k", "teacher_top_k", "max_new_tokens", "student_layers",
-                     "curve_every", "eval_batch_size", "eval_max_new_tokens", "dev_limit",
+        for name in ("sft_batch_size", "batch_size", "max_length", "rank_k", "teacher_top_k", "max_new_tokens",
+                     "student_layers", "curve_every", "eval_batch_size", "eval_max_new_tokens", "dev_limit",
                      "max_prompt_length"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")

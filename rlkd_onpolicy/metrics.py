@@ -17,9 +17,10 @@ def _hard_ranks(values: torch.Tensor) -> torch.Tensor:
     return values.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).to(torch.float64) + 1
 
 
-def _check_ks(ks: tuple[int, ...], vocab: int) -> None:
-    if not ks or any(not 1 <= k <= vocab for k in ks):
-        raise ValueError(f"ks={ks} must be a non-empty tuple of integers in [1, V={vocab}].")
+def _check_ks(ks: tuple[int, ...], limit: int, what: str = "V") -> None:
+    """`what` names the bound: the vocabulary V, or the number of top ids a side has (a sparse teacher's K)."""
+    if not ks or any(not 1 <= k <= limit for k in ks):
+        raise ValueError(f"ks={ks} must be a non-empty tuple of integers in [1, {what}={limit}].")
 
 
 def _counted_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -46,7 +47,8 @@ def topk_overlap_metrics(
     mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """CR@k and MOR@k against a sparse teacher: `teacher_topk_ids (..., K)` sorted best first, K ≥ max(ks)."""
-    _check_ks(ks, min(student_logits.shape[-1], teacher_topk_ids.shape[-1]))
+    _check_ks(ks, student_logits.shape[-1])
+    _check_ks(ks, teacher_topk_ids.shape[-1], "the teacher's K")
     check_mask(mask, student_logits.shape[:-1])
     student = _counted_rows(student_logits, mask)
     teacher_top = _counted_rows(teacher_topk_ids, mask)
@@ -58,7 +60,8 @@ def topk_overlap_from_ids(
 ) -> dict[str, float]:
     """`topk_overlap_metrics` from the student's sorted top ids `(n, ≥ max(ks))` of counted tokens (when its logits
     were never materialised) and the teacher's `(n, K)`."""
-    _check_ks(ks, min(student_topk_ids.shape[-1], teacher_topk_ids.shape[-1]))
+    _check_ks(ks, student_topk_ids.shape[-1], "the student's top ids")
+    _check_ks(ks, teacher_topk_ids.shape[-1], "the teacher's K")
     return _overlaps(student_topk_ids, teacher_topk_ids, ks)
 
 

@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     from rlkd_onpolicy.trainer import RLKDConfig, RLKDTrainer
 
     parser = TrlParser((ModelDataArguments, RLKDConfig))
-    script_args, training_args = parser.parse_args_and_config(argv)
+    # TrlParser reads --config itself before argparse runs; declared here so that --help lists it.
+    parser.add_argument("--config", metavar="YAML", default=None,
+                        help="A YAML file of these fields (configs/train/*.yaml); flags given too override it.")
+    script_args, training_args = parser.parse_args_and_config(argv)[:2]  # [2]: the Namespace holding `config`
     train = load_prompt_completion(script_args.dataset_name, script_args.dataset_config,
                                    script_args.dataset_train_split)
     evaluation = None

@@ -51,3 +51,13 @@ def test_bad_input():
         topk_agreement(torch.randn(2, 5), torch.randn(2, 5), ks=(0,))
     with pytest.raises(ValueError, match="same shape"):
         topk_agreement(torch.randn(2, 5), torch.randn(2, 6))
+
+
+def test_sparse_teacher_k_is_named_as_k_not_the_vocabulary():
+    # issue 15: ks above a sparse teacher's K=4 used to say "must be in [1, V=4]", calling K the vocabulary
+    from rlkd_onpolicy.metrics import topk_overlap_metrics
+
+    student = torch.randn(3, 54)
+    teacher_ids = torch.randn(3, 54).topk(4).indices
+    with pytest.raises(ValueError, match=r"in \[1, the teacher's K=4\]"):
+        topk_overlap_metrics(student, teacher_ids, ks=(1, 8))

@@ -24,6 +24,7 @@ from rlkd_onpolicy.cache.format import (
 )
 from rlkd_onpolicy.data import check_prompt_not_empty, tokenize_example
 from rlkd_onpolicy.losses.divergences import teacher_topk
+from rlkd_onpolicy.vocab import cut_logits
 
 
 def teacher_vocab_size(teacher) -> int:
@@ -54,7 +55,7 @@ def _encode_shard(
         with torch.inference_mode():
             # The distribution is over the tokenizer's tokens: padding rows of the output layer are cut, as the
             # trainer cuts an online teacher's logits (Qwen2.5: 151,936 rows for 151,665 tokens).
-            logits = teacher(input_ids=ids.to(device), attention_mask=attention.to(device)).logits[..., :n_tokens]
+            logits = cut_logits(teacher(input_ids=ids.to(device), attention_mask=attention.to(device)).logits, n_tokens)
         for row, example in enumerate(batch):
             start, length = example.completion_start, len(example.completion_ids)
             input_ids.append(torch.tensor(example.input_ids, dtype=torch.int32))
@@ -158,7 +159,7 @@ def build_cache(
         for position in range(first, last):
             row = dataset[position]
             example = tokenize_example(tokenizer, row, max_length=max_length, max_prompt_length=max_prompt_length)
-            check_prompt_not_empty(example, position, "the dataset", row["prompt"])
+            check_prompt_not_empty(example, position, "the dataset", row.get("prompt", row.get("messages")))
             examples.append(example)
         tensors = _encode_shard(examples, teacher, pad_id, k, temperature, batch_size, dtype, len(tokenizer))
         data = save(tensors, metadata={"shard": str(index), "first_example": str(first)})

@@ -2,7 +2,9 @@
 
 Two formats are accepted, as in TRL:
 - standard: ``{"prompt": str, "completion": str}``;
-- conversational: ``{"prompt": [messages], "completion": [messages]}``, rendered with the tokenizer's chat template.
+- conversational: ``{"prompt": [messages], "completion": [messages]}``, rendered with the tokenizer's chat template;
+- conversational as GKDTrainer takes it: ``{"messages": [messages]}``, whose last message (the assistant's) is the
+  completion and the ones before it the prompt.
 
 Truncation policy (one place, documented in docs/trainer.md): the prompt keeps its *last* `max_prompt_length`
 tokens (the end of a prompt is what the completion follows); then the completion keeps its *first* tokens so that
@@ -59,6 +61,16 @@ def _render(tokenizer, example: dict) -> tuple[str, str]:
     )
 
 
+def split_messages(messages: Any) -> dict[str, list]:
+    """TRL's "messages" example -> prompt (every message but the last) and completion (the last, the assistant's)."""
+    if not _is_conversational(messages) or len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise ValueError(
+            "A 'messages' example must be a list of {'role', 'content'} messages ending with the assistant's reply "
+            f"(the completion) after at least one other message (the prompt); got {messages!r:.120}."
+        )
+    return {"prompt": list(messages[:-1]), "completion": [messages[-1]]}
+
+
 def tokenize_example(
     tokenizer, example: dict, *, max_length: int | None = None, max_prompt_length: int | None = None
 ) -> TokenizedExample:
@@ -66,6 +78,8 @@ def tokenize_example(
 
     The prompt gets the tokenizer's special tokens (e.g. BOS); the completion none, plus EOS at its end.
     """
+    if "prompt" not in example and "messages" in example:
+        example = split_messages(example["messages"])
     for column in ("prompt", "completion"):
         if column not in example:
             raise ValueError(f"An example has no '{column}' field (fields: {sorted(example)}).")
@@ -104,10 +118,12 @@ def validate_prompt_completion_dataset(dataset, name: str = "train_dataset") -> 
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty; it needs at least one example with 'prompt' and 'completion'.")
     missing = [c for c in ("prompt", "completion") if c not in columns]
+    if missing and "messages" in columns:
+        return  # GKDTrainer's conversational format, split by `split_messages`
     if missing:
         raise ValueError(
             f"{name} lacks the column(s) {missing} (it has {list(columns)}). Rename your columns to TRL's "
-            "prompt–completion format: 'prompt' and 'completion'."
+            "prompt–completion format: 'prompt' and 'completion' (or give conversations as 'messages')."
         )
 
 

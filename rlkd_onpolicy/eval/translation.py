@@ -14,6 +14,7 @@ import torch
 
 from rlkd_onpolicy.data import collate_prompt_completion, tokenize_example
 from rlkd_onpolicy.data.parallel import to_prompt_completion
+from rlkd_onpolicy.vocab import BeyondVocabularyMask, cut_logits, vocabulary_size
 
 
 def _examples(tokenizer, pairs: Sequence[dict], src: str, tgt: str, conversational: bool | None,
@@ -81,6 +82,8 @@ def generate_translations(
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
+            # the output layer's padding rows beyond the tokenizer are never emitted (rlkd_onpolicy/vocab.py)
+            logits_processor=[BeyondVocabularyMask(len(tokenizer))],
         )
         texts = tokenizer.batch_decode(generated[:, prompt_ids.shape[1] :], skip_special_tokens=True)
         for i, text in zip(indices, texts, strict=True):
@@ -195,14 +198,11 @@ def teacher_forced_agreement(
 
     Returns {"kl": mean over reference completion tokens (EOS included) of KL(teacher ‖ student), "tokens": count}
     and, when `rlkd_onpolicy.metrics.topk_agreement` is available, its CR@k / MOR@k / Spearman@k as token means
-    (fractions in [0, 1]).
+    The two models must share the tokenizer (their output layers may differ by padding rows, cut to it), as in
+    distillation.
     The two models must share the tokenizer (same vocabulary), as in distillation.
     """
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(
-            f"The student's vocabulary ({student.config.vocab_size}) differs from the teacher's "
-            f"({teacher.config.vocab_size}); teacher-forced agreement needs one shared tokenizer."
-        )
+    vocab = vocabulary_size(student, teacher, tokenizer)  # padding rows may differ; both are cut to the tokenizer
     tokenized = _examples(
         tokenizer, pairs, src, tgt, conversational, instruction_role, max_length=max_length,
         max_prompt_length=max_prompt_length,
@@ -218,8 +218,8 @@ def teacher_forced_agreement(
     for _, batch in _progress(batches, progress, "teacher-forced"):
         collated = collate_prompt_completion(batch, _pad_id(tokenizer))
         mask = collated["completion_mask"].to(device).bool()
-        student_logits = _completion_logits(student, collated, device)
-        teacher_logits = _completion_logits(teacher, collated, device)
+        student_logits = cut_logits(_completion_logits(student, collated, device), vocab)
+        teacher_logits = cut_logits(_completion_logits(teacher, collated, device), vocab)
         batch_kl, count = kl_sum(student_logits, teacher_logits, mask)
         kl_total, tokens = kl_total + batch_kl, tokens + count
         if topk_agreement is not None and count:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, StaticCache
 
+from rlkd_onpolicy.vocab import output_rows as output_vocab_size
+
 from .graphs import check_graphable, graph_bucket
 from .rng import row_uniforms
 from .rollout import first_eos_mask
@@ -59,23 +61,13 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, name: 
         raise ValueError(f"{name}top_p must be in (0, 1], got {top_p}")
 
 
-def output_vocab_size(model: torch.nn.Module) -> int:
-    """Rows of the model's output layer (what its logits' last dimension is), else config.vocab_size."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None) if head is not None else None
-    if weight is not None:
-        # under DeepSpeed ZeRO-3 a partitioned weight has shape (0,); its full shape is in ds_shape
-        rows = int(getattr(weight, "ds_shape", weight.shape)[0])
-        if rows > 0:
-            return rows
-    return int(model.config.get_text_config().vocab_size)
-
-
 def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, max_vocab_padding: int = 256) -> int:
     """The vocabulary both models can sample from: the smaller output size, after checking they differ by padding.
 
     Models of one family pad their embedding matrices differently (Qwen2.5-0.5B 151,936 rows vs Qwen2.5-7B 152,064
-    for the same 151,665-token tokenizer); logits are cut to the smaller size so a padding row is never sampled.
+    for the same 151,665-token tokenizer); logits are cut to the smaller size. That still leaves the padding rows
+    beyond the tokenizer: pass the tokenizer's length as `vocab_size` to the samplers to cut those too
+    (rlkd_onpolicy/vocab.py).
     """
     student_v, teacher_v = output_vocab_size(student), output_vocab_size(teacher)
     if abs(student_v - teacher_v) > max_vocab_padding:

@@ -49,6 +49,8 @@ class RolloutSampler:
         skd_top_k, skd_draft_len, verify_on: SKD's top-K, block length, and raw/warped top-K test.
         eos_token_id: int or list of ints; None disables EOS stopping. pad_token_id: None -> EOS -> 0.
         max_vocab_padding: how many rows the teacher's and student's output layers may differ by (padding).
+        vocab_size: the tokenizer's length (rlkd_onpolicy/vocab.py): no id ≥ vocab_size is ever sampled, in any
+            mode, even where the output layers have more rows. None = the output layers' rows.
         cache_implementation: "dynamic" (default), "static" (preallocated, fixed shapes) or "cuda_graph" (static
             cache + the decode steps replayed as CUDA graphs, CUDA only);
             compile_step: wrap the decode step in torch.compile (CUDA + static cache only). graph_sampling: with
@@ -74,6 +76,7 @@ class RolloutSampler:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         max_vocab_padding: int = 256,
+        vocab_size: int | None = None,
         cache_implementation: str = "dynamic",
         compile_step: bool = False,
         graph_sampling: bool = False,
@@ -101,9 +104,12 @@ class RolloutSampler:
         if mode in _NEEDS_TEACHER and teacher is None:
             raise ValueError(f"mode {mode!r} needs a teacher model, got teacher=None")
         if teacher is not None:
-            self.vocab_size = shared_vocab_size(student, teacher, max_vocab_padding)
+            rows = shared_vocab_size(student, teacher, max_vocab_padding)
         else:
-            self.vocab_size = output_vocab_size(student)
+            rows = output_vocab_size(student)
+        if vocab_size is not None and not 1 <= vocab_size <= rows:
+            raise ValueError(f"vocab_size={vocab_size} must be in [1, {rows}] (the models' output rows)")
+        self.vocab_size = rows if vocab_size is None else vocab_size
         if mode == "speculative":
             check_speculative(skd_top_k, skd_draft_len, verify_on, self.vocab_size)
         self.mode, self.student, self.teacher = mode, student, teacher
@@ -174,6 +180,7 @@ class RolloutSampler:
                 pad_token_id=self.pad_token_id,
                 row_seeds=row_seeds,
                 max_vocab_padding=self.max_vocab_padding,
+                vocab_size=self.vocab_size,
                 cache_implementation=self.cache_implementation,
                 compile_step=self.compile_step,
             )

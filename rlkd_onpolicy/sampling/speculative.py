@@ -137,6 +137,7 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     row_seeds: torch.Tensor | None = None,
     max_vocab_padding: int = 256,
+    vocab_size: int | None = None,
     cache_implementation: str = "dynamic",
     compile_step: bool = False,
 ) -> Rollout:
@@ -148,6 +149,8 @@ def speculative_generate(
     row_seeds (B,) int64 fixes each row's randomness (else drawn from `generator`). Returns a Rollout whose
     token_source says, per completion token, SOURCE_STUDENT (accepted) or SOURCE_TEACHER (replaced), with stats
     acceptance_rate, tokens_replaced, teacher_forward_passes, student_forward_passes, rounds.
+    vocab_size (the tokenizer's length) cuts both models' logits before proposals, the top-K test and
+    replacements, so no id ≥ vocab_size is emitted (default: the smaller output layer).
     cache_implementation "static" preallocates both caches; "cuda_graph" also replays the student's single-token
     step and the teacher's D-token block step as CUDA graphs (captured once per batch size and cache length);
     compile_step (CUDA + static only) compiles them with torch.compile instead.
@@ -158,6 +161,7 @@ def speculative_generate(
     if cache_implementation not in CACHE_IMPLEMENTATIONS:
         raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
     vocab = shared_vocab_size(student, teacher, max_vocab_padding)
+    vocab = vocab if vocab_size is None else min(vocab, vocab_size)
     check_speculative(top_k, draft_len, verify_on, vocab)
     pad = resolve_pad(pad_token_id, eos_token_id)
     bsz = input_ids.shape[0]
@@ -352,6 +356,7 @@ def reference_speculative_generate(
     verify_on: str = "raw",
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The spec for `speculative_generate`, position by position: each row alone, full forward passes, no cache.
 
@@ -360,6 +365,7 @@ def reference_speculative_generate(
     and completion_mask (B, N), like the batched path.
     """
     vocab = shared_vocab_size(student, teacher, max_vocab_padding=1 << 30)
+    vocab = vocab if vocab_size is None else min(vocab, vocab_size)
     eos = eos_tensor(eos_token_id, input_ids.device)
     bsz = input_ids.shape[0]
     tokens = torch.full((bsz, max_new_tokens), pad_token_id, dtype=torch.long)

@@ -32,10 +32,10 @@ from rlkd_onpolicy.losses import DistillationLoss, distillation_loss, teacher_to
 from rlkd_onpolicy.metrics import topk_agreement, topk_overlap_from_ids, topk_overlap_metrics
 from rlkd_onpolicy.models import check_own_forward
 from rlkd_onpolicy.sampling import SOURCE_TEACHER, Rollout, RolloutSampler
-from rlkd_onpolicy.sampling.generate import model_device, output_vocab_size
+from rlkd_onpolicy.sampling.generate import model_device
 from rlkd_onpolicy.sampling.graphs import graphable
 from rlkd_onpolicy.teacher.served_sampling import SERVED_SAMPLING_MODES, ServedRolloutSampler
-from rlkd_onpolicy.trainer.config import RLKDConfig
+from rlkd_onpolicy.trainer.config import RLKDConfig, check_against_vocabulary
 from rlkd_onpolicy.trainer.deepspeed import is_zero3, prepare_teacher, teacher_for_generation
 from rlkd_onpolicy.trainer.reliability import (
     NonFiniteGuard,
@@ -46,6 +46,7 @@ from rlkd_onpolicy.trainer.reliability import (
     save_checkpoint_atomically,
     skipped_steps_in,
 )
+from rlkd_onpolicy.vocab import cut_logits, vocabulary_size
 
 
 def _load_model(model: str | PreTrainedModel, init_kwargs: dict | None, what: str) -> PreTrainedModel:
@@ -54,31 +55,6 @@ def _load_model(model: str | PreTrainedModel, init_kwargs: dict | None, what: st
     if init_kwargs:
         raise ValueError(f"{what}_init_kwargs are only used when {what} is a name or path; got a model object.")
     return model
-
-
-def check_vocabularies(student: PreTrainedModel, teacher: PreTrainedModel | None, tokenizer) -> int:
-    """The vocabulary the loss compares over: the tokenizer's length, when both output layers cover it.
-
-    Teacher and student may differ only by padding rows beyond the tokenizer (Qwen2.5-0.5B has 151,936 rows and
-    Qwen2.5-7B 152,064, one tokenizer of 151,665 entries); those rows are cut from the logits.
-    """
-    n_tokens = len(tokenizer)
-    student_rows = output_vocab_size(student)
-    if teacher is None:
-        return min(n_tokens, student_rows)
-    teacher_rows = output_vocab_size(teacher)
-    if student_rows != teacher_rows and min(student_rows, teacher_rows) < n_tokens:
-        raise ValueError(
-            f"student vocabulary size {student_rows} != teacher vocabulary size {teacher_rows}, and the difference "
-            f"is not padding beyond the tokenizer's {n_tokens} tokens: the two models do not share a tokenizer. "
-            "Distil between models of one tokenizer family."
-        )
-    if min(student_rows, teacher_rows) < n_tokens:
-        raise ValueError(
-            f"the tokenizer has {n_tokens} tokens but the models' output layers only {min(student_rows, teacher_rows)}"
-            " rows: this tokenizer does not belong to these models."
-        )
-    return n_tokens
 
 
 def _tokenized_examples(dataset):
@@ -141,9 +117,11 @@ class RLKDTrainer(Trainer):
             args = RLKDConfig(output_dir="rlkd-output")
         if not isinstance(args, RLKDConfig):
             raise TypeError(f"args must be an RLKDConfig, got {type(args).__name__}.")
+        teacher_model = _teacher_from_args(teacher_model, args)
         if teacher_model is None and args.teacher_cache is None and args.teacher_server is None:
-            raise ValueError("teacher_model is required (a causal LM or a name/path) unless args.teacher_cache or "
-                             "args.teacher_server is set.")
+            raise ValueError("teacher_model is required (a causal LM or a name/path, or "
+                             "args.teacher_model_name_or_path) unless args.teacher_cache or args.teacher_server is "
+                             "set.")
         if teacher_model is not None and args.teacher_server is not None:
             raise ValueError(f"teacher_model and args.teacher_server={args.teacher_server!r} are two teachers: pass "
                              "teacher_model=None to distil from the server, or leave teacher_server unset.")
@@ -173,14 +151,17 @@ class RLKDTrainer(Trainer):
         check_own_forward(model, "model")
         if teacher is not None:
             check_own_forward(teacher, "teacher_model")
-        self.vocab_size = check_vocabularies(model, teacher, tokenizer)
+        self.vocab_size = vocabulary_size(model, teacher, tokenizer)  # the tokenizer's ids, for everything
+        check_against_vocabulary(args, self.vocab_size, None if self.teacher_cache is None else
+                                 self.teacher_cache.header.k)  # fmt: skip
         self.served_teacher = None
         if args.teacher_server is not None:  # checks the server (answers, tokenizer, top-K) now, before training
             from rlkd_onpolicy.teacher.served import ServedTeacher
 
             self.served_teacher = ServedTeacher(
                 args.teacher_server, tokenizer=tokenizer, top_k=args.teacher_top_k, vocab_size=self.vocab_size,
-                model=args.teacher_server_model, temperature=args.temperature, options=args.teacher_server_options(),
+                model=args.teacher_server_model, temperature=args.loss_temperature,
+                options=args.teacher_server_options(),
             )  # fmt: skip
         if self.teacher_cache is not None and self.teacher_cache.header.vocab_size < self.vocab_size:
             raise ValueError(
@@ -194,6 +175,8 @@ class RLKDTrainer(Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
+        if args.disable_dropout:
+            _disable_dropout(model)
 
         train_dataset = self._tokenize(train_dataset, tokenizer, args, "train_dataset")
         if self.teacher_cache is not None:  # every example against the cache's hashes, before any work
@@ -240,8 +223,9 @@ class RLKDTrainer(Trainer):
         if self.served_teacher is not None and mode in SERVED_SAMPLING_MODES:
             self.sampler = ServedRolloutSampler(
                 mode, student, self.served_teacher, vocab_size=self.vocab_size, max_new_tokens=args.max_new_tokens,
-                temperature=args.sampling_temperature, top_p=args.top_p,
-                teacher_temperature=args.teacher_sampling_temperature, skd_top_k=args.skd_top_k,
+                temperature=args.temperature, top_p=args.top_p,
+                teacher_temperature=(args.temperature if args.teacher_sampling_temperature is None
+                                     else args.teacher_sampling_temperature), skd_top_k=args.skd_top_k,
                 skd_draft_len=args.skd_draft_len, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )  # fmt: skip
@@ -260,11 +244,13 @@ class RLKDTrainer(Trainer):
             student,
             teacher_model,
             cache_implementation=self.generation_cache,
-            lmbda=args.lmbda,
+            lmbda=args.lmbda if args.lmbda is not None else 0.5,  # read in mixed mode only, where it is set
             max_new_tokens=args.max_new_tokens,
-            temperature=args.sampling_temperature,
+            temperature=args.temperature,
             top_p=args.top_p,
-            teacher_temperature=args.teacher_sampling_temperature,
+            teacher_temperature=(args.temperature if args.teacher_sampling_temperature is None
+                                 else args.teacher_sampling_temperature),  # fmt: skip
+            vocab_size=self.vocab_size,
             skd_top_k=args.skd_top_k,
             skd_draft_len=args.skd_draft_len,
             verify_on=args.skd_verify_on,
@@ -285,7 +271,7 @@ class RLKDTrainer(Trainer):
             tokenized = tokenize_example(
                 tokenizer, example, max_length=args.max_length, max_prompt_length=args.max_prompt_length
             )
-            check_prompt_not_empty(tokenized, index, name, example["prompt"])
+            check_prompt_not_empty(tokenized, index, name, example.get("prompt", example.get("messages")))
             return {"prompt_ids": tokenized.prompt_ids, "completion_ids": tokenized.completion_ids,
                     "example_index": index}
 
@@ -370,7 +356,7 @@ class RLKDTrainer(Trainer):
                 return loss.detach(), None, None
             logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
         labels = rollout.sequences.masked_fill(~rollout.completion_mask, -100)
-        return loss.detach(), logits[..., : self.vocab_size], labels
+        return loss.detach(), cut_logits(logits, self.vocab_size), labels
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rollout: Rollout = inputs.get("rollout") or self._rollout(inputs)
@@ -388,7 +374,7 @@ class RLKDTrainer(Trainer):
             student_hidden = outputs.hidden_states[-1][:, start - 1 : -1]
         else:
             student_logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
-            student_logits = student_logits[:, start - 1 : -1, : self.vocab_size]
+            student_logits = cut_logits(student_logits[:, start - 1 : -1], self.vocab_size)
         teacher_logits = None
         teacher_kwargs: dict[str, Any] = {}
         if self.teacher_cache is not None:
@@ -399,13 +385,13 @@ class RLKDTrainer(Trainer):
         else:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=rollout.sequences, attention_mask=rollout.attention_mask)
-                teacher_logits = teacher_logits.logits[:, start - 1 : -1, : self.vocab_size]
+                teacher_logits = cut_logits(teacher_logits.logits[:, start - 1 : -1], self.vocab_size)
         if teacher_logits is None:
             pass
         elif args.teacher_top_k is None:
             teacher_kwargs["teacher_logits"] = teacher_logits
         else:
-            top = teacher_topk(teacher_logits, args.teacher_top_k, temperature=args.temperature)
+            top = teacher_topk(teacher_logits, args.teacher_top_k, temperature=args.loss_temperature)
             teacher_kwargs.update(
                 teacher_topk_ids=top.ids, teacher_topk_logprobs=top.logprobs, teacher_tail_logprob=top.tail_logprob
             )
@@ -426,7 +412,8 @@ class RLKDTrainer(Trainer):
     def _loss_options(self) -> dict[str, Any]:
         """The objective's settings, shared by both loss paths."""
         args = self.args
-        return dict(loss=args.loss, beta=args.beta, skew_alpha=args.skew_alpha, temperature=args.temperature,
+        beta = 0.5 if args.beta is None else args.beta  # None unless loss="jsd", where the loss reads it
+        return dict(loss=args.loss, beta=beta, skew_alpha=args.skew_alpha, temperature=args.loss_temperature,
                     missing_mass=args.missing_mass, rank_weight=args.rank_weight, rank_k=args.rank_k,
                     rank_union=args.rank_union, regularization_strength=args.rank_regularization_strength)  # fmt: skip
 
@@ -480,7 +467,7 @@ class RLKDTrainer(Trainer):
         weight, bias = self._output_layer()
         with torch.no_grad():
             mine = torch.nn.functional.linear(outputs.hidden_states[-1][:, -1:], weight, bias).float()
-            theirs = outputs.logits[:, -1:, : self.vocab_size].detach().float()
+            theirs = cut_logits(outputs.logits[:, -1:], self.vocab_size).detach().float()
             same = torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max().clamp_min(1)))
         if not same:
             raise ValueError(
@@ -591,6 +578,27 @@ class RLKDTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def _teacher_from_args(teacher_model, args: RLKDConfig):
+    """TRL's `teacher_model_name_or_path` names the teacher when `teacher_model` is not given; two different
+    names are refused rather than one of them ignored."""
+    name = args.teacher_model_name_or_path
+    if name is None or teacher_model is None:
+        return teacher_model if teacher_model is not None else name
+    if isinstance(teacher_model, str) and teacher_model != name:
+        raise ValueError(
+            f"teacher_model={teacher_model!r} and args.teacher_model_name_or_path={name!r} name different teachers; "
+            "give one of them."
+        )
+    return teacher_model
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """TRL's `disable_dropout`: every dropout module of the student gets p = 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def _check_same_tokenizer(tokenizer, teacher_name_or_path: str) -> None:
     """A teacher given by name brings its own tokenizer: it must be the student's, or the distillation is void."""
     try:
@@ -615,7 +623,7 @@ def _open_cache(args: RLKDConfig, tokenizer, teacher_model, train_dataset, eval_
         tokenizer=tokenizer,
         expect_teacher=teacher_model if isinstance(teacher_model, str) else None,
         expect_k=args.teacher_top_k,
-        expect_temperature=args.temperature,
+        expect_temperature=args.loss_temperature,
     )
     cache.verify()  # every shard's checksum now, not halfway through training
     if train_dataset is not None and len(cache) != len(train_dataset):
@@ -623,8 +631,6 @@ def _open_cache(args: RLKDConfig, tokenizer, teacher_model, train_dataset, eval_
             f"The cache at {args.teacher_cache} holds {len(cache)} examples but train_dataset has "
             f"{len(train_dataset)}: build it from this dataset."
         )
-    if args.rank_weight > 0 and args.rank_k > cache.header.k:
-        raise ValueError(f"rank_k={args.rank_k} exceeds the cache's k={cache.header.k}; lower rank_k.")
     return cache
 
 

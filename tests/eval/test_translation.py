@@ -86,7 +86,8 @@ def test_teacher_forced_kl_is_positive_and_batch_independent(tokenizer, pairs):
 
 def test_bad_inputs(tokenizer, pairs):
     with pytest.raises(ValueError, match="vocabulary"):
-        teacher_forced_agreement(tiny_model(0), tiny_model(0, vocab=50000), tokenizer, pairs, "en", "fr")
+        # 40,000 rows do not cover the 49,152-token tokenizer: another tokenizer, not padding (rlkd_onpolicy/vocab.py)
+        teacher_forced_agreement(tiny_model(0), tiny_model(0, vocab=40000), tokenizer, pairs, "en", "fr")
     with pytest.raises(ValueError, match="No pairs"):
         generate_translations(tiny_model(0), tokenizer, [], "en", "fr")
     with pytest.raises(ValueError, match="batch_size=0"):

@@ -93,7 +93,7 @@ def main() -> None:
         output_dir=str(out / "run"), sampling_mode=args.mode, per_device_train_batch_size=2, max_steps=args.steps,
         learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=args.save_steps, report_to="none",
         seed=0, max_new_tokens=6, skd_top_k=5, skd_draft_len=3, rank_k=3, metric_ks=[1, 3], disable_tqdm=True,
-        lmbda=0.5, **served,
+        lmbda=0.5 if args.mode == "mixed" else None, **served,  # lmbda: mixed only (set-but-ignored is refused)
     )
     if args.teacher_server:
         from transformers import AutoModelForCausalLM, AutoTokenizer

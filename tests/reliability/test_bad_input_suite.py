@@ -94,7 +94,7 @@ CASES = {
                                        teacher_top_k=16), "stores k=8, not the k=16"),
     "cache with another temperature": (
         lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
-                                       temperature=2.0), "temperature=1.0, not 2.0"),
+                                       loss_temperature=2.0), "temperature=1.0, not 2.0"),
     "cache with another tokenizer": (
         lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="off_policy",
                                        tokenizer=tiny_tokenizer(extra_words=("zebra",))), "another tokenizer"),
@@ -127,12 +127,13 @@ CASES = {
         lambda out, tmp, cache: _config(out, nonfinite_policy="skip", deepspeed="configs/deepspeed/zero3.json"),
         "nonfinite_policy='skip' is invalid: DeepSpeed applies the optimizer step inside backward"),
     "lmbda above 1": (lambda out, tmp, cache: _config(out, lmbda=1.5), r"lmbda=1.5 is invalid: it must be in \[0, 1\]"),
-    "zero temperature": (lambda out, tmp, cache: _config(out, temperature=0.0), "temperature=0.0 is invalid"),
+    "zero loss temperature": (lambda out, tmp, cache: _config(out, loss_temperature=0.0),
+                              "loss_temperature=0.0 is invalid"),
     "zero max_new_tokens": (lambda out, tmp, cache: _config(out, max_new_tokens=0), "max_new_tokens=0 is invalid"),
     "prompt as long as max_length": (lambda out, tmp, cache: _config(out, max_prompt_length=32),
                                      "max_prompt_length=32 is invalid: it must be < max_length=32"),
     "rank_k above a sparse teacher's K": (lambda out, tmp, cache: _config(out, teacher_top_k=2, rank_k=3),
-                                          "rank_k=3 is invalid: with a sparse teacher it must be ≤ teacher_top_k=2"),
+                                          "rank_k=3 is invalid: rank_k=3 exceeds teacher_top_k=2"),
     "teacher offload without DeepSpeed": (lambda out, tmp, cache: _build(out, teacher_offload_to_cpu=True),
                                           "teacher_offload_to_cpu=True needs DeepSpeed ZeRO-3"),
     # -- output_dir (issue 15, defect 6: an unwritable one trained, then crashed at the first save)

@@ -48,7 +48,8 @@ def test_immediate_eos_completions_train_on_the_eos_token(tmp_path, mode):
     eos_bias = torch.zeros(64)
     eos_bias[EOS] = 50.0
     student.lm_head.register_forward_hook(lambda module, inputs, logits: logits + eos_bias)
-    trainer = _trainer(tmp_path, tiny_pairs(4), student=student, sampling_mode=mode, skd_top_k=64)
+    # skd_top_k = the whole vocabulary (the tokenizer's 54 tokens; 64 output rows would now be refused)
+    trainer = _trainer(tmp_path, tiny_pairs(4), student=student, sampling_mode=mode, skd_top_k=54)
     rollout = trainer._rollout(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
     completion = rollout.sequences[:, rollout.prompt_length :]
     assert completion.shape[1] == 1 and (completion == EOS).all()

@@ -100,7 +100,8 @@ SERVER = "http://127.0.0.1:1"  # never contacted: every refusal below comes befo
         # two teachers, named both
         (dict(teacher_cache="cache/", sampling_mode="off_policy"),
          r"teacher_server='http://127.0.0.1:1' is invalid: it and teacher_cache='cache/' are two teachers"),
-        (dict(temperature=2.0), r"temperature=2.0 is invalid: a teacher_server gives log-probs at temperature 1"),
+        (dict(loss_temperature=2.0),
+         r"loss_temperature=2.0 is invalid: a teacher_server gives log-probs at temperature 1"),
         (dict(teacher_offload_to_cpu=True), r"teacher_offload_to_cpu=True is invalid: .*local teacher model"),
         # SKD: the warped nucleus is not in the top-K; the round's top-K is the loss signal at the drafts
         (dict(sampling_mode="speculative", skd_verify_on="warped"), r"skd_verify_on='warped' is invalid"),

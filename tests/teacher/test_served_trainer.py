@@ -45,7 +45,8 @@ def _trainer(tmp_path, smollm2, mode, server=None, **overrides) -> RLKDTrainer:
         output_dir=str(tmp_path / mode), sampling_mode=mode, per_device_train_batch_size=1,
         gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-4, logging_steps=1, save_strategy="no",
         report_to="none", seed=0, max_new_tokens=6, teacher_top_k=K, skd_top_k=5, skd_draft_len=3, rank_k=3,
-        metric_ks=[1, 3], teacher_sampling_temperature=0.0, lmbda=0.5, disable_tqdm=True, teacher_server=server,
+        metric_ks=[1, 3], teacher_sampling_temperature=0.0, lmbda=0.5 if mode == "mixed" else None, disable_tqdm=True,
+        teacher_server=server,
         teacher_server_retries=1, teacher_server_backoff=0.1,
     )  # fmt: skip
     args = RLKDConfig(**{**fields, **overrides})

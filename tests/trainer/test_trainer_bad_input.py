@@ -25,7 +25,8 @@ def _trainer(tmp_path, train, student_vocab=64, teacher=None, tokenizer=None, **
         ("loss", "kl", "loss='kl' is invalid"),
         ("lmbda", 1.5, "lmbda=1.5 is invalid"),
         ("beta", -0.1, "beta=-0.1 is invalid"),
-        ("temperature", 0.0, "temperature=0.0 is invalid"),
+        ("loss_temperature", 0.0, "loss_temperature=0.0 is invalid"),
+        ("temperature", -1.0, "temperature=-1.0 is invalid"),
         ("top_p", 0.0, "top_p=0.0 is invalid"),
         ("skd_top_k", 0, "skd_top_k=0 is invalid"),
         ("skd_draft_len", 0, "skd_draft_len=0 is invalid"),
@@ -93,3 +94,49 @@ def test_cuda_graph_generation_on_a_cpu_is_refused(tmp_path):
 def test_auto_generation_cache_is_dynamic_on_a_cpu(tmp_path):
     trainer = _trainer(tmp_path, tiny_pairs(4))
     assert trainer.generation_cache == "dynamic" and trainer.sampler.cache_implementation == "dynamic"
+
+
+# Issue 15, defect 3: every value that used to pass RLKDConfig and fail at step 1 (or silently) is refused when the
+# config or the trainer is built, naming the field, its value and the limit.
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("rank_weight", float("nan"), "rank_weight=nan is invalid: it must be a finite number"),  # was: NonFiniteError
+        ("rank_weight", float("inf"), "rank_weight=inf is invalid: it must be a finite number"),
+        # was: a ranking loss of 0, silently
+        ("rank_regularization_strength", float("inf"), "rank_regularization_strength=inf is invalid: it must be a "
+                                                       "finite number"),
+        ("loss_temperature", float("inf"), "loss_temperature=inf is invalid: it must be a finite number"),
+        ("temperature", float("nan"), "temperature=nan is invalid: it must be a finite number"),
+        ("teacher_sampling_temperature", float("inf"), "teacher_sampling_temperature=inf is invalid"),
+        ("skew_alpha", float("nan"), "skew_alpha=nan is invalid"),
+        ("top_p", float("nan"), "top_p=nan is invalid"),
+    ],
+)
+def test_config_refuses_non_finite_values(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        _args(tmp_path, **{field: value})
+
+
+def test_metric_ks_larger_than_sparse_teacher(tmp_path):
+    # was: "ks=(1, 8) must be ... in [1, V=4]" at step 1, where 4 is K, not the vocabulary
+    with pytest.raises(ValueError, match=r"metric_ks=\[1, 8\] exceeds teacher_top_k=4"):
+        _args(tmp_path, teacher_top_k=4, rank_k=3, metric_ks=[1, 8])
+    with pytest.raises(ValueError, match="rank_k=8 exceeds teacher_top_k=4"):
+        _args(tmp_path, teacher_top_k=4, rank_k=8)
+
+
+# each field bounded by the vocabulary (the tiny tokenizer's 54 tokens; the models have 64 output rows)
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(rank_k=1000), r"rank_k=1000 exceeds the vocabulary \(54 tokens\)"),
+        (dict(rank_k=60), r"rank_k=60 exceeds the vocabulary \(54 tokens\)"),  # fits the 64 rows, not the tokenizer
+        (dict(metric_ks=[1, 1000]), r"metric_ks=\[1, 1000\] exceeds the vocabulary \(54 tokens\)"),
+        (dict(teacher_top_k=1000, rank_k=3, metric_ks=[1]), r"teacher_top_k=1000 exceeds the vocabulary \(54 tokens\)"),
+        (dict(sampling_mode="speculative", skd_top_k=1000), r"skd_top_k=1000 exceeds the vocabulary \(54 tokens\)"),
+    ],
+)
+def test_fields_bounded_by_the_vocabulary_are_checked_at_construction(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, tiny_pairs(4), **options)

@@ -59,7 +59,7 @@ def test_cache_bad_input(tmp_path, cache_dir):
     with pytest.raises(ValueError, match="stores k=8, not the k=16"):
         make(teacher_top_k=16)
     with pytest.raises(ValueError, match="temperature=1.0, not 2.0"):
-        make(temperature=2.0)
+        make(loss_temperature=2.0)
     with pytest.raises(ValueError, match="holds teacher 'tiny-teacher', not 'other/teacher'"):
         make(teacher_model="other/teacher")
     with pytest.raises(ValueError, match="holds 12 examples but train_dataset has 5"):
@@ -87,3 +87,18 @@ def test_corrupted_cache_fails_before_training(tmp_path, cache_dir):
     with pytest.raises(ValueError, match="(?i)checksum|sha"):
         RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=None, processing_class=tiny_tokenizer(),
                     args=_args(tmp_path, teacher_cache=str(broken)), train_dataset=tiny_pairs(12))
+
+
+# Issue 15, defect 3: a cache's K bounds rank_k and metric_ks, checked when the trainer is built (was: at step 1,
+# "must be in [1, V=8]" where 8 is K)
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(rank_k=9), "rank_k=9 exceeds the teacher cache's K=8"),
+        (dict(metric_ks=[1, 16]), r"metric_ks=\[1, 16\] exceeds the teacher cache's K=8"),
+    ],
+)
+def test_fields_bounded_by_the_cache_k(tmp_path, cache_dir, options, message):
+    with pytest.raises(ValueError, match=message):
+        RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=None, processing_class=tiny_tokenizer(),
+                    args=_args(tmp_path, teacher_cache=str(cache_dir), **options), train_dataset=tiny_pairs(12))

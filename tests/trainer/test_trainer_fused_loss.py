@@ -35,7 +35,7 @@ def _train(tmp_path, student, teacher, **overrides):
     "options",
     [
         dict(loss="fkl", rank_weight=2.0),  # RLKD's objective
-        dict(loss="jsd", beta=0.3, rank_weight=0.0, temperature=2.0, missing_mass="renormalize"),
+        dict(loss="jsd", beta=0.3, rank_weight=0.0, loss_temperature=2.0, missing_mass="renormalize"),
         dict(loss="rkl", rank_weight=1.0, rank_union="concat", student_vocab=70),  # padding rows beyond the tokenizer
     ],
 )
