@@ -115,6 +115,13 @@ class RLKDConfig(TrainingArguments):
     rank_regularization_strength: float = field(
         default=1.0, metadata={"help": "ε of the soft rank (> 0); RLKD uses 1.0."}
     )
+    rank_diagnostics: bool = field(
+        default=True, metadata={"help": "At each logging step, with rank_weight > 0 on the logits loss path: log the "
+                                        "gradient norm each term puts on the student's logits (kd_logit_grad_norm, "
+                                        "rank_logit_grad_norm) and the fractions of tokens whose soft ranks are hard "
+                                        "(rank_hard_fraction: no gradient) or undefined (rank_undefined_fraction). "
+                                        "Costs two backward passes through the loss, not the model."},
+    )  # fmt: skip
     teacher_top_k: int | None = field(
         default=None,
         metadata={"help": "None = the teacher's full vocabulary; an int K = a sparse teacher (its top-K on the device "

@@ -398,7 +398,10 @@ class RLKDTrainer(Trainer):
         if student_hidden is not None:
             out = self._fused_loss(student_hidden, teacher_kwargs, mask)
         else:
-            out = self._logits_loss(student_logits, teacher_kwargs, mask)
+            rank_stats = {} if self._diagnosing() else None
+            out = self._logits_loss(student_logits, teacher_kwargs, mask, rank_stats)
+            if rank_stats is not None:
+                self._record_rank_diagnostics(student_logits, mask, out, rank_stats)
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
             loss = out.loss / out.num_tokens.clamp_min(1)
         else:
@@ -417,7 +420,7 @@ class RLKDTrainer(Trainer):
                     missing_mass=args.missing_mass, rank_weight=args.rank_weight, rank_k=args.rank_k,
                     rank_union=args.rank_union, regularization_strength=args.rank_regularization_strength)  # fmt: skip
 
-    def _logits_loss(self, student_logits, teacher_kwargs, mask) -> DistillationLoss:
+    def _logits_loss(self, student_logits, teacher_kwargs, mask, rank_stats=None) -> DistillationLoss:
         return distillation_loss(
             student_logits,
             **teacher_kwargs,
@@ -425,7 +428,30 @@ class RLKDTrainer(Trainer):
             rank_dynamic_weighting=self.args.rank_dynamic_weighting,
             mask=mask,
             reduction="sum",
+            rank_stats=rank_stats,
         )
+
+    def _diagnosing(self) -> bool:
+        """Whether this training micro-batch measures the ranking-loss diagnostics (the steps that log)."""
+        args = self.args
+        if not (args.rank_diagnostics and args.rank_weight > 0) or self._evaluating or not torch.is_grad_enabled():
+            return False
+        return (self.state.global_step + 1) % max(int(args.logging_steps), 1) == 0
+
+    def _record_rank_diagnostics(self, student_logits, mask, out: DistillationLoss, stats: dict) -> None:
+        """Why the ranking loss does (not) move the student: each term's gradient on the logits, per counted token,
+        and how many tokens' soft ranks are hard (no gradient at this regularization strength) or undefined."""
+        metrics = self._metrics["train"]
+        rows = max(stats.get("rows", 0), 1)
+        metrics["rank_hard_fraction"].append(stats.get("hard_rows", 0) / rows)
+        metrics["rank_undefined_fraction"].append(stats.get("undefined_rows", 0) / rows)
+        if not bool(mask.any()):
+            return
+        # One call per term (a call with both would sum them); the graph is kept for the training backward.
+        for name, term in (("kd_logit_grad_norm", out.kd), ("rank_logit_grad_norm", self.args.rank_weight * out.rank)):
+            (grad,) = torch.autograd.grad(term, student_logits, retain_graph=True, allow_unused=True)
+            value = 0.0 if grad is None else float(grad[mask].float().norm(dim=-1).mean())
+            metrics[name].append(value)
 
     def _output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The student's output projection (V, H) cut to the shared vocabulary, and its bias."""

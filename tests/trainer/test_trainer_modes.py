@@ -171,3 +171,31 @@ def test_peft_adapters_train_and_the_base_stays(tmp_path):
         elif "lora_" not in name:
             plain = name.replace("base_model.model.", "").replace(".base_layer", "")
             assert torch.equal(p, base[plain]), name
+
+
+def _diagnosed(tmp_path, **overrides) -> list[dict]:
+    student, teacher = _models()
+    trainer = RLKDTrainer(
+        model=student, teacher_model=teacher, args=_config(tmp_path, sampling_mode="off_policy", max_steps=2,
+                                                           **overrides),
+        train_dataset=tiny_pairs(8), processing_class=tiny_tokenizer(),
+    )  # fmt: skip
+    trainer.train()
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_ranking_diagnostics_are_logged_and_show_when_the_rank_term_passes_no_gradient(tmp_path):
+    keys = ("kd_logit_grad_norm", "rank_logit_grad_norm", "rank_hard_fraction", "rank_undefined_fraction")
+    for entry in _diagnosed(tmp_path / "eps1", rank_weight=2.0, rank_regularization_strength=1.0):
+        assert all(key in entry for key in keys), sorted(entry)
+        assert entry["kd_logit_grad_norm"] > 0 and entry["rank_logit_grad_norm"] >= 0
+        assert 0.0 <= entry["rank_hard_fraction"] <= 1.0 and 0.0 <= entry["rank_undefined_fraction"] <= 1.0
+    # ε → 0: every soft rank is a hard rank, so the ranking term's gradient on the logits is exactly 0
+    for entry in _diagnosed(tmp_path / "eps0", rank_weight=2.0, rank_regularization_strength=1e-6):
+        assert entry["rank_hard_fraction"] == 1.0 and entry["rank_logit_grad_norm"] == 0.0, entry
+    # ε large: soft ranks pool, no row is hard, the ranking term pushes
+    for entry in _diagnosed(tmp_path / "eps100", rank_weight=2.0, rank_regularization_strength=100.0):
+        assert entry["rank_hard_fraction"] == 0.0 and entry["rank_logit_grad_norm"] > 0, entry
+    # off: no ranking loss, or asked not to
+    for overrides in (dict(rank_weight=0.0), dict(rank_weight=2.0, rank_diagnostics=False)):
+        assert not any(key in entry for entry in _diagnosed(tmp_path / "off", **overrides) for key in keys)
