@@ -165,9 +165,9 @@ class ExampleConfig:
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-# Presets: `--quick` runs the whole pipeline in ~5 minutes on 2 CPU cores (measured: 302 s, cores shared); the
-# defaults took 52 min there as `make demo` on a fresh clone (teacher SFT 32 min, then cached; a later run is the
-# other ~19 min). Measurements: docs/example_translation.md.
+# Presets: `--quick` runs the whole pipeline in minutes on 2 CPU cores; the defaults took 34 min there as `make demo`
+# on a fresh clone (teacher SFT 13 min and student SFT 5 min, then cached for later runs). Measurements:
+# docs/example_translation.md.
 QUICK = dict(
     train_limit=512, test_limit=16, dev_limit=8, max_chars=120, teacher_sft_steps=12, student_layers=6,
     student_sft_steps=4, distill_steps=8, rank_weights=[0.0, 2.0], batch_size=4, max_new_tokens=32, curve_every=4,
@@ -623,7 +623,10 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
 # Seconds on 2 idle CPU cores (measured; docs/example_translation.md), for the estimates printed before each stage.
 # A model's cost is counted in "layer units": its decoder layers plus the output layer, which for SmolLM2 (576 ->
 # 49,152) costs about as much as 8 decoder layers.
-SECONDS = {"sft_step": 0.17, "distill_step": 0.12, "eval_verse": 0.033}  # per layer unit, batch 8 / per verse
+# Calibrated on the fresh-clone `make demo` of 2026-12-02: SFT 7.7 s/step (teacher, 38 units) and 5.1 (student, 23);
+# on-policy distillation 11.6 s/step (both models, 61 units); evaluation 45 s (teacher) and 90-107 s (student, with the
+# teacher-forced passes) for 100 verses.
+SECONDS = {"sft_step": 0.21, "distill_step": 0.19, "eval_verse": 0.085}  # per layer unit, batch 8 / per verse
 HEAD_UNITS = 8
 
 
