@@ -30,6 +30,7 @@ from rlkd_onpolicy.sampling.generate import (
     model_device,
     new_cache,
     position_ids_from_mask,
+    resolve_pad,
 )
 from rlkd_onpolicy.sampling.rng import SEED_BITS, STREAM_STUDENT, draw_row_seeds, row_uniforms
 from rlkd_onpolicy.sampling.rollout import SOURCE_STUDENT, SOURCE_TEACHER, Rollout, assemble_rollout, first_eos_mask
@@ -69,7 +70,7 @@ class ServedRolloutSampler:
         skd_top_k: int = 25,
         skd_draft_len: int = 5,
         eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int = 0,
+        pad_token_id: int | None = None,
     ):
         if mode not in SERVED_SAMPLING_MODES:
             raise ValueError(f"ServedRolloutSampler samples {SERVED_SAMPLING_MODES}, not {mode!r}.")
@@ -79,7 +80,8 @@ class ServedRolloutSampler:
         self.temperature, self.top_p = temperature, top_p
         self.teacher_temperature, self.teacher_top_p = teacher_temperature, teacher_top_p
         self.skd_top_k, self.skd_draft_len = skd_top_k, skd_draft_len
-        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        # as RolloutSampler: a tokenizer without a pad token pads with EOS
+        self.eos_token_id, self.pad_token_id = eos_token_id, resolve_pad(pad_token_id, eos_token_id)
 
     def rollout(
         self,
