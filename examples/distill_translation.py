@@ -55,7 +55,7 @@ class ExampleConfig:
     test_split: str = field(default="test", metadata={"help": "Split of the final evaluation."})
     max_chars: int | None = field(default=200, metadata={"help": "Keep pairs whose two sides have <= this many chars."})
     train_limit: int | None = field(default=None, metadata={"help": "Use this many training pairs (evenly spaced)."})
-    test_limit: int | None = field(default=100, metadata={"help": "Evaluate on this many test pairs (evenly spaced)."})
+    test_limit: int | None = field(default=50, metadata={"help": "Evaluate on this many test pairs (evenly spaced)."})
     dev_limit: int = field(default=32, metadata={"help": "Dev pairs for the MOR@5 curve."})
     instruction_role: str = field(
         default="system", metadata={"help": "Where the prompt's instruction goes: 'system' (replaces the chat "
@@ -85,12 +85,12 @@ class ExampleConfig:
                                           "last included) or 'bottom' (the first student_layers - 2 and the last 2)."},
     )  # fmt: skip
     student_sft_steps: int = field(
-        default=60, metadata={"help": "SFT steps of the student before distillation (GKD's recipe; 0: the cut as is)."}
+        default=30, metadata={"help": "SFT steps of the student before distillation (GKD's recipe; 0: the cut as is)."}
     )
     student_lr: float = field(default=5e-4, metadata={"help": "Student SFT learning rate."})
     # distillation
     sampling_modes: list[str] = field(
-        default_factory=lambda: ["on_policy", "sft"],
+        default_factory=lambda: ["off_policy", "sft"],
         metadata={"help": "RLKDConfig sampling modes: off_policy, seq_kd, on_policy, mixed, speculative; and 'sft', "
                           "the baseline without a teacher (the same steps of SFT on the references)."},
     )
@@ -102,7 +102,7 @@ class ExampleConfig:
     batch_size: int = field(default=8, metadata={"help": "Distillation batch size."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per prompt in on-policy modes."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; several give mean ± std."})
-    curve_every: int = field(default=10, metadata={"help": "Steps between MOR@5 points on the dev split."})
+    curve_every: int = field(default=15, metadata={"help": "Steps between MOR@5 points on the dev split."})
     distill_pairs: int | None = field(
         default=None, metadata={"help": "Distinct training pairs the methods train on (default: distill_steps x "
                                         "batch_size, one epoch); fewer are repeated over several epochs."},
