@@ -176,41 +176,10 @@ def load_model_and_tokenizer(name_or_path: str, **kwargs) -> tuple[torch.nn.Modu
     return model.eval(), tokenizer
 
 
-def check_own_forward(model: torch.nn.Module, what: str = "model") -> None:
-    """Refuse a model whose `forward` was replaced on the instance by a wrapper that runs *another* model object.
+def __getattr__(name: str):
+    # check_own_forward is one of the trainer's guards now (rlkd_onpolicy/trainer/guards.py); still importable here.
+    if name == "check_own_forward":
+        from rlkd_onpolicy.trainer.guards import check_own_forward
 
-    trl's `SFTTrainer` does this and leaves it: it sets `model.forward` to a fused-LM-head wrapper that closes over
-    the model's original bound `forward`. A `copy.deepcopy` of such a model keeps calling the original's forward, so
-    the copy's weights neither produce its outputs nor receive gradients: training logs grad_norm 0 and changes
-    nothing, without an error. Wrappers that call back into the same model (accelerate's autocast wrapper, the patch
-    on the model trl trained) pass.
-    """
-    patched = model.__dict__.get("forward")
-    if patched is None:
-        return
-    pending, seen = [getattr(patched, "__func__", patched)], set()
-    while pending:
-        func = pending.pop()
-        if id(func) in seen:
-            continue
-        seen.add(id(func))
-        for cell in getattr(func, "__closure__", None) or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:  # an empty cell
-                continue
-            owner = getattr(value, "__self__", None)
-            if isinstance(owner, torch.nn.Module) and owner is not model:
-                raise ValueError(
-                    f"{what}.forward was replaced on the instance by a wrapper that runs the forward of another "
-                    f"{type(owner).__name__} object: {what} is most likely a copy.deepcopy "
-                    "of a model trained by trl's SFTTrainer (it patches forward with a fused LM head and leaves it). "
-                    f"Its own weights would get no gradients. Fix: `del {what}.forward` before copying (restores the "
-                    "class's forward), or load the model with from_pretrained."
-                )
-            inner = getattr(value, "__func__", value)
-            if callable(inner) and getattr(inner, "__closure__", None):
-                pending.append(inner)
-        wrapped = getattr(func, "__wrapped__", None)
-        if wrapped is not None:
-            pending.append(wrapped)
+        return check_own_forward
+    raise AttributeError(f"module 'rlkd_onpolicy.models' has no attribute {name!r}")

@@ -51,8 +51,8 @@ def round_seeds(row_seeds: torch.Tensor, positions: torch.Tensor) -> list[int]:
 class ServedRolloutSampler:
     """seq_kd or speculative rollouts with the teacher on a server; `rollout` as `RolloutSampler.rollout`.
 
-    `student` is set by the trainer before each rollout (the unwrapped model); `vocab_size` cuts the student's
-    logits to the shared vocabulary. The other arguments mean what they mean for `RolloutSampler`.
+    `student` drafts (the trainer makes one sampler per rollout, with the unwrapped model); `vocab_size` cuts the
+    student's logits to the shared vocabulary. The other arguments mean what they mean for `RolloutSampler`.
     """
 
     def __init__(

@@ -54,9 +54,13 @@ TeacherSignal = DenseTeacher | SparseTeacher
 
 
 class Teacher(Protocol):
-    """Anything the trainer can distil from: a local model, a top-k cache, a served model."""
+    """Anything the trainer can distil from: a local model (local.py), a top-k cache (cached.py), a served model
+    (served.py)."""
 
-    def score(self, rollout: Rollout, example_index: torch.Tensor | None = None) -> TeacherSignal:
+    def score(
+        self, rollout: Rollout, example_index: torch.Tensor | None = None, *, step: int | None = None
+    ) -> TeacherSignal:
         """The teacher's distributions at `rollout`'s completion positions. `example_index (B,)` says which
-        dataset example each row came from (a cache looks its rows up by it; other teachers ignore it)."""
+        dataset example each row came from (a cache looks its rows up by it; other teachers ignore it); `step`,
+        the training step, is named in errors (None outside training)."""
         ...

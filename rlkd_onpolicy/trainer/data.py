@@ -1,0 +1,68 @@
+"""The trainer's data: its tokenizer, the prompt–completion datasets tokenised once, and the collator."""
+
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from rlkd_onpolicy.data.prompt_completion import (
+    TokenizedExample,
+    check_prompt_not_empty,
+    collate_prompt_completion,
+    tokenize_example,
+)
+from rlkd_onpolicy.trainer.config import RLKDConfig
+
+
+def resolve_tokenizer(model, processing_class):
+    """The tokenizer both models share: `processing_class`, or the one saved with `model` when it is a name. A
+    tokenizer without a pad token pads with EOS (the masks drop padding)."""
+    if processing_class is None:
+        if not isinstance(model, str):
+            raise ValueError("processing_class (the tokenizer) is required when model is a model object.")
+        processing_class = AutoTokenizer.from_pretrained(model)
+    tokenizer = processing_class
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenize_dataset(dataset, tokenizer, args: RLKDConfig, name: str):
+    """`prompt_ids`, `completion_ids` and `example_index` (where a teacher cache keeps the example) per example,
+    truncated to `args.max_length` / `args.max_prompt_length`; an example left without a prompt is refused."""
+    import datasets
+
+    if isinstance(dataset, list):
+        dataset = datasets.Dataset.from_list(dataset)
+
+    def tokenize(example, index):
+        tokenized = tokenize_example(
+            tokenizer, example, max_length=args.max_length, max_prompt_length=args.max_prompt_length
+        )
+        check_prompt_not_empty(tokenized, index, name, example.get("prompt", example.get("messages")))
+        return {"prompt_ids": tokenized.prompt_ids, "completion_ids": tokenized.completion_ids,
+                "example_index": index}  # fmt: skip
+
+    return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names,
+                       desc="Tokenizing prompt–completion pairs")  # fmt: skip
+
+
+def tokenized_examples(dataset):
+    """The `TokenizedExample`s of a dataset `tokenize_dataset` made, in order."""
+    return (TokenizedExample(p, c) for p, c in zip(dataset["prompt_ids"], dataset["completion_ids"], strict=True))
+
+
+class PromptCompletionCollator:
+    """Collates tokenised examples: prompts left-padded for generation, dataset completions right-padded."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        examples = [TokenizedExample(list(f["prompt_ids"]), list(f["completion_ids"])) for f in features]
+        batch = collate_prompt_completion(examples, self.pad_token_id)
+        if "example_index" in features[0]:  # where a teacher cache keeps this example
+            batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
+        return batch

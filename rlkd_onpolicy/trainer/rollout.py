@@ -1,0 +1,108 @@
+"""The rollout step: a batch's prompts (and dataset completions) become a `Rollout`, built with the models as they
+generate (unwrapped; under ZeRO-3 the student's and, where the teacher decodes, the teacher's weights gathered)."""
+
+import torch
+from accelerate.utils import DistributedType
+
+from rlkd_onpolicy.sampling import Rollout, RolloutSampler
+from rlkd_onpolicy.sampling.generate import model_device
+from rlkd_onpolicy.sampling.graphs import graphable
+from rlkd_onpolicy.teacher.served import ServedTeacher
+from rlkd_onpolicy.teacher.served_sampling import SERVED_SAMPLING_MODES, ServedRolloutSampler
+from rlkd_onpolicy.trainer.config import RLKDConfig
+from rlkd_onpolicy.trainer.deepspeed import teacher_for_generation
+
+TEACHER_DECODES = ("seq_kd", "speculative")  # the modes in which the teacher takes part in sampling
+
+
+def rollout_mode(args: RLKDConfig) -> str:
+    """The sampler's mode: with a cache both off_policy and seq_kd train on the cached (dataset or teacher-made)
+    completions, so the rollout is the dataset's."""
+    return "off_policy" if args.teacher_cache is not None else args.sampling_mode
+
+
+def resolve_generation_cache(setting: str, mode: str, student, teacher, distributed_type) -> str:
+    """RLKDConfig.generation_cache -> the sampler's cache_implementation. "auto" picks "cuda_graph" when the
+    student (and, for seq_kd / speculative, the teacher) sits on a CUDA device whole, i.e. one process or DDP,
+    and its decode step can be captured (sdpa/eager attention, full-attention layers); else "dynamic"."""
+    if setting != "auto":
+        return setting
+    models = [student] + ([teacher] if mode in TEACHER_DECODES and teacher is not None else [])
+    whole = distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
+    if whole and all(model_device(m).type == "cuda" and graphable(m) for m in models):
+        return "cuda_graph"
+    return "dynamic"
+
+
+def build_sampler(
+    args: RLKDConfig,
+    mode: str,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    *,
+    served_teacher: ServedTeacher | None,
+    vocab_size: int,
+    cache_implementation: str,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+) -> RolloutSampler | ServedRolloutSampler:
+    """The sampler of `mode` for these models: a `ServedRolloutSampler` where a served teacher takes part in
+    sampling, else a `RolloutSampler` (`teacher` the local teacher module, or None)."""
+    teacher_temperature = (
+        args.temperature if args.teacher_sampling_temperature is None else args.teacher_sampling_temperature
+    )
+    if served_teacher is not None and mode in SERVED_SAMPLING_MODES:
+        return ServedRolloutSampler(
+            mode, student, served_teacher, vocab_size=vocab_size, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, teacher_temperature=teacher_temperature,
+            skd_top_k=args.skd_top_k, skd_draft_len=args.skd_draft_len, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )  # fmt: skip
+    return RolloutSampler(
+        mode, student, teacher, cache_implementation=cache_implementation,
+        lmbda=args.lmbda if args.lmbda is not None else 0.5,  # read in mixed mode only, where it is set
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        teacher_temperature=teacher_temperature, vocab_size=vocab_size, skd_top_k=args.skd_top_k,
+        skd_draft_len=args.skd_draft_len, verify_on=args.skd_verify_on, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )  # fmt: skip
+
+
+class Rollouts:
+    """Builds each rollout with a sampler made for that call from the models as they generate: the samplers hold
+    their models, and the models are only gathered (ZeRO-3) inside the call. Making one is cheap (settings and
+    shape checks; CUDA graphs are kept per model, not per sampler)."""
+
+    def __init__(self, args: RLKDConfig, mode: str, *, served_teacher: ServedTeacher | None, vocab_size: int,
+                 cache_implementation: str, eos_token_id: int | None, pad_token_id: int | None):  # fmt: skip
+        self.args, self.mode, self.served_teacher = args, mode, served_teacher
+        self.vocab_size, self.cache_implementation = vocab_size, cache_implementation
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+
+    def sampler(
+        self, student: torch.nn.Module, teacher: torch.nn.Module | None
+    ) -> RolloutSampler | ServedRolloutSampler:
+        return build_sampler(
+            self.args, self.mode, student, teacher, served_teacher=self.served_teacher, vocab_size=self.vocab_size,
+            cache_implementation=self.cache_implementation, eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor], student, teacher, accelerator, generator) -> Rollout:
+        """`student` the trained (wrapped) model, `teacher` the placed local teacher or None; row seeds and mixed
+        mode's coins come from `generator`."""
+        from trl.models.utils import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(student, accelerator) as student:
+            if self.mode in TEACHER_DECODES and teacher is not None:
+                with teacher_for_generation(teacher, accelerator) as teacher:
+                    return self._sample(batch, student, teacher, generator)
+            return self._sample(batch, student, None if teacher is None else accelerator.unwrap_model(teacher),
+                                generator)  # fmt: skip
+
+    def _sample(self, batch, student, teacher, generator) -> Rollout:
+        return self.sampler(student, teacher).rollout(
+            batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"],
+            generator=generator,
+        )  # fmt: skip
