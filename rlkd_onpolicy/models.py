@@ -136,7 +136,7 @@ def load_model_and_tokenizer(name_or_path: str, **kwargs) -> tuple[torch.nn.Modu
     exist. A hub name needs the network once; afterwards `HF_HUB_OFFLINE=1` loads it from the local cache. `kwargs`
     go to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`). The tokenizer pads on the left, for batched generation.
     """
-    if name_or_path in ("embedded:smollm2", "smollm2-gguf"):
+    if name_or_path == "embedded:smollm2":
         return load_embedded_smollm2()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
