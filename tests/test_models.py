@@ -1,8 +1,9 @@
 """The embedded SmolLM2 teacher (real GGUF), its saveable conversion, the student cut from it, and the loader."""
 
 import pytest
+import tiny_models
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from rlkd_onpolicy.models import (
     evenly_spaced_layers,
@@ -13,10 +14,8 @@ from rlkd_onpolicy.models import (
 
 
 def tiny_llama(layers: int = 5) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_models.tiny_llama(97, hidden=16, layers=layers, tie_word_embeddings=True, max_position_embeddings=2048,
+                                  **tiny_models.HF_SPECIAL_IDS).eval()  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from rlkd_onpolicy.data.parallel import load_bible_pairs
 from rlkd_onpolicy.eval import bleu_chrf, evaluate_translation, generate_translations, kl_sum, teacher_forced_agreement
@@ -20,10 +21,8 @@ def tokenizer():
 
 
 def tiny_model(seed: int, vocab: int = 49152) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=2, pad_token_id=2)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab, hidden=16, layers=2, seed=seed, heads=2, kv_heads=1, max_position_embeddings=2048,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2).eval()  # fmt: skip
 
 
 @pytest.fixture(scope="module")
