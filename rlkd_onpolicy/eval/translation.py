@@ -2,6 +2,14 @@
 
 Every metric reads the same token sequences: the prompt rendered as in training (`rlkd_onpolicy.data.tokenize_example`,
 chat template when the tokenizer has one) and, for the teacher-forced metrics, the reference completion (+ EOS).
+Documented in docs/data_and_eval.md.
+
+Example:
+    >>> from rlkd_onpolicy.eval import bleu_chrf
+    >>> scores = bleu_chrf(["In the beginning was the Word."], ["In the beginning was the Word."])
+    >>> {name: round(value, 1) for name, value in scores.items()}
+    {'bleu': 100.0, 'chrf': 100.0}
+    >>> hypotheses = generate_translations(model, tokenizer, pairs, "fr", "en", max_new_tokens=64)  # doctest: +SKIP
 """
 
 import json
