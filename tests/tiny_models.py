@@ -1,4 +1,8 @@
-"""Tiny offline tokenizer, models and prompt–completion data shared by the tests (no hub, no download)."""
+"""Tiny offline tokenizer, models and prompt–completion data shared by the tests (no hub, no download), and a
+corrupted copy of a teacher cache."""
+
+import shutil
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -78,3 +82,13 @@ def tiny_pairs(n: int = 16, seed: int = 0, conversational: bool = False) -> list
         else:
             rows.append({"prompt": f"translate to french {src}", "completion": tgt})
     return rows
+
+
+def corrupted_cache_copy(cache_dir: Path, folder: Path) -> Path:
+    """A copy of the cache at `cache_dir` in `folder` with one payload byte of its second shard flipped."""
+    shutil.copytree(cache_dir, folder)
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return folder

@@ -7,12 +7,11 @@ tests/trainer/test_trainer_cache.py.)
 
 import os
 import re
-import shutil
 import tempfile
 
 import datasets
 import pytest
-from tiny_models import tiny_llama, tiny_pairs, tiny_teacher, tiny_tokenizer
+from tiny_models import corrupted_cache_copy, tiny_llama, tiny_pairs, tiny_teacher, tiny_tokenizer
 
 from rlkd_onpolicy import RLKDConfig, RLKDTrainer
 
@@ -38,16 +37,6 @@ def _teacher_with_other_tokenizer(tmp_path) -> str:
     tiny_teacher().save_pretrained(folder)
     tiny_tokenizer(extra_words=("zebra",)).save_pretrained(folder)
     return str(folder)
-
-
-def _corrupted(cache_dir, tmp_path) -> str:
-    broken = tmp_path / "broken-cache"
-    shutil.copytree(cache_dir, broken)
-    shard = sorted(broken.glob("*.safetensors"))[1]
-    data = bytearray(shard.read_bytes())
-    data[-5] ^= 0xFF  # one flipped payload byte
-    shard.write_bytes(bytes(data))
-    return str(broken)
 
 
 def _inside_a_file(tmp_path):
@@ -96,8 +85,9 @@ CASES = {
                                        train=tiny_pairs(12)[::-1]),
         r"first: example 0; it is the cache's example 11.*reordered or shuffled"),
     "corrupted cache shard": (
-        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=_corrupted(cache, tmp),
-                                       sampling_mode="off_policy"), "(?i)checksum|sha"),
+        lambda out, tmp, cache: _build(out, teacher=None, sampling_mode="off_policy",
+                                       teacher_cache=str(corrupted_cache_copy(cache, tmp / "broken-cache"))),
+        "(?i)checksum|sha"),
     "cache with a generating mode": (
         lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="on_policy"),
         "sampling_mode='on_policy' is invalid.*need an online teacher_model"),

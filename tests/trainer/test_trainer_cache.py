@@ -3,7 +3,7 @@
 import pytest
 import torch
 from tiny_models import CACHE_K as K
-from tiny_models import tiny_llama, tiny_pairs, tiny_teacher, tiny_tokenizer
+from tiny_models import corrupted_cache_copy, tiny_llama, tiny_pairs, tiny_teacher, tiny_tokenizer
 
 from rlkd_onpolicy import RLKDConfig, RLKDTrainer
 
@@ -61,14 +61,7 @@ def test_cache_bad_input(tmp_path, cache_dir):
 
 
 def test_corrupted_cache_fails_before_training(tmp_path, cache_dir):
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(cache_dir, broken)
-    shard = sorted(broken.glob("*.safetensors"))[1]
-    data = bytearray(shard.read_bytes())
-    data[-5] ^= 0xFF  # flip one byte of the payload
-    shard.write_bytes(bytes(data))
+    broken = corrupted_cache_copy(cache_dir, tmp_path / "broken")
     with pytest.raises(ValueError, match="(?i)checksum|sha"):
         RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=None, processing_class=tiny_tokenizer(),
                     args=_args(tmp_path, teacher_cache=str(broken)), train_dataset=tiny_pairs(12))
