@@ -13,10 +13,6 @@ def is_triton_available() -> bool:
     return _available("triton")
 
 
-def is_deepspeed_available() -> bool:
-    return _available("deepspeed")
-
-
 def is_liger_available() -> bool:
     return _available("liger_kernel")
 

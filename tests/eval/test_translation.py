@@ -1,11 +1,14 @@
 """Translation evaluation on tiny random Llamas with SmolLM2's real tokenizer and chat template, and real sacrebleu."""
 
+import doctest
 import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
+from transformers import AutoTokenizer, LlamaForCausalLM
 
+from rlkd_onpolicy import eval as evaluation
 from rlkd_onpolicy.data.parallel import load_bible_pairs
 from rlkd_onpolicy.eval import bleu_chrf, evaluate_translation, generate_translations, kl_sum, teacher_forced_agreement
 from rlkd_onpolicy.models import embedded_smollm2_path
@@ -20,10 +23,8 @@ def tokenizer():
 
 
 def tiny_model(seed: int, vocab: int = 49152) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=2, pad_token_id=2)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab, hidden=16, layers=2, seed=seed, heads=2, kv_heads=1, max_position_embeddings=2048,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2).eval()  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,14 @@ def test_bleu_chrf_with_sacrebleu():
     assert bleu_chrf(["xyz", "qqq"], refs)["bleu"] == 0.0
     with pytest.raises(ValueError, match="1 hypotheses but 2 references"):
         bleu_chrf(["a"], refs)
+
+
+def test_module_examples_and_public_names():
+    from rlkd_onpolicy.eval import translation
+
+    results = [doctest.testmod(module) for module in (translation, evaluation)]  # the examples needing models skip
+    assert results[0].attempted > 0 and all(result.failed == 0 for result in results)
+    assert all(callable(getattr(evaluation, name)) for name in evaluation.__all__)
 
 
 def test_kl_sum_matches_the_definition():

@@ -7,30 +7,13 @@ tests/trainer/test_trainer_cache.py.)
 
 import os
 import re
-import shutil
 import tempfile
 
 import datasets
 import pytest
-from tiny_models import tiny_llama, tiny_pairs, tiny_tokenizer
+from tiny_models import corrupted_cache_copy, tiny_llama, tiny_pairs, tiny_teacher, tiny_tokenizer
 
 from rlkd_onpolicy import RLKDConfig, RLKDTrainer
-from rlkd_onpolicy.cache import build_cache
-
-K = 8
-
-
-def _teacher():
-    return tiny_llama(64, hidden=48, layers=2, seed=1, sharpen=4.0)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache") / "teacher-top8"
-    build_cache(_teacher(), tiny_tokenizer(), tiny_pairs(12), str(out), k=K, temperature=1.0, dtype="float32",
-                batch_size=4, max_length=32, max_prompt_length=16, shard_size=5, teacher_name="tiny-teacher",
-                progress=False)
-    return out
 
 
 def _config(out, **kw) -> RLKDConfig:
@@ -44,26 +27,16 @@ def _config(out, **kw) -> RLKDConfig:
 def _build(out, *, teacher="model", train=None, tokenizer=None, student_vocab=64, **kw):
     """Config and trainer with one thing changed; `teacher=None` with a cache, a str for a teacher by path."""
     args = _config(out, **kw)
-    return RLKDTrainer(model=tiny_llama(student_vocab, seed=2), teacher_model=_teacher() if teacher == "model" else
+    return RLKDTrainer(model=tiny_llama(student_vocab, seed=2), teacher_model=tiny_teacher() if teacher == "model" else
                        teacher, args=args, train_dataset=tiny_pairs(12) if train is None else train,
                        processing_class=tokenizer or tiny_tokenizer())
 
 
 def _teacher_with_other_tokenizer(tmp_path) -> str:
     folder = tmp_path / "teacher"
-    _teacher().save_pretrained(folder)
+    tiny_teacher().save_pretrained(folder)
     tiny_tokenizer(extra_words=("zebra",)).save_pretrained(folder)
     return str(folder)
-
-
-def _corrupted(cache_dir, tmp_path) -> str:
-    broken = tmp_path / "broken-cache"
-    shutil.copytree(cache_dir, broken)
-    shard = sorted(broken.glob("*.safetensors"))[1]
-    data = bytearray(shard.read_bytes())
-    data[-5] ^= 0xFF  # one flipped payload byte
-    shard.write_bytes(bytes(data))
-    return str(broken)
 
 
 def _inside_a_file(tmp_path):
@@ -112,8 +85,9 @@ CASES = {
                                        train=tiny_pairs(12)[::-1]),
         r"first: example 0; it is the cache's example 11.*reordered or shuffled"),
     "corrupted cache shard": (
-        lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=_corrupted(cache, tmp),
-                                       sampling_mode="off_policy"), "(?i)checksum|sha"),
+        lambda out, tmp, cache: _build(out, teacher=None, sampling_mode="off_policy",
+                                       teacher_cache=str(corrupted_cache_copy(cache, tmp / "broken-cache"))),
+        "(?i)checksum|sha"),
     "cache with a generating mode": (
         lambda out, tmp, cache: _build(out, teacher=None, teacher_cache=str(cache), sampling_mode="on_policy"),
         "sampling_mode='on_policy' is invalid.*need an online teacher_model"),
@@ -154,13 +128,15 @@ CASES = {
         lambda out, tmp, cache: _build(out, train=tiny_pairs(4) + [{"prompt": "", "completion": "le chat"}]),
         "train_dataset row 4 has an empty prompt"),
     "prompt of only whitespace, in the eval dataset": (
-        lambda out, tmp, cache: RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=_teacher(), args=_config(out),
-                                            train_dataset=tiny_pairs(4), processing_class=tiny_tokenizer(),
+        lambda out, tmp, cache: RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=tiny_teacher(),
+                                            args=_config(out), train_dataset=tiny_pairs(4),
+                                            processing_class=tiny_tokenizer(),
                                             eval_dataset=tiny_pairs(2) + [{"prompt": "   ", "completion": "le"}]),
         r"eval_dataset row 2 has an empty prompt \('   ' tokenises to no tokens\)"),
     "eval dataset without a prompt column": (
-        lambda out, tmp, cache: RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=_teacher(), args=_config(out),
-                                            train_dataset=tiny_pairs(4), eval_dataset=[{"completion": "le chat"}],
+        lambda out, tmp, cache: RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=tiny_teacher(),
+                                            args=_config(out), train_dataset=tiny_pairs(4),
+                                            eval_dataset=[{"completion": "le chat"}],
                                             processing_class=tiny_tokenizer()),
         r"eval_dataset lacks the column\(s\) \['prompt'\]"),
 }

@@ -1,27 +1,17 @@
 """Tiny randomly initialised causal LMs and ragged prompt batches for the sampling tests (no downloads)."""
 
+import tiny_models
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 VOCAB = 96
 
 
 def tiny_llama(seed: int, vocab: int = VOCAB, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config).float()
-    # larger logits than the default init, so distributions are peaked enough for top-K / top-p / EOS to matter
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    return model.eval()
+    # larger logits than the default init (sharpen 8), so distributions are peaked enough for top-K / top-p / EOS to
+    # matter
+    return tiny_models.tiny_llama(vocab, hidden=hidden, layers=layers, seed=seed, sharpen=8.0,
+                                  max_position_embeddings=256, **tiny_models.HF_SPECIAL_IDS).eval()  # fmt: skip
 
 
 def ragged_prompts(lengths: list[int], seed: int = 0, vocab: int = VOCAB, pad: int = 0):

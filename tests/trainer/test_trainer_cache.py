@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-from tiny_models import tiny_llama, tiny_pairs, tiny_tokenizer
+from tiny_models import CACHE_K as K
+from tiny_models import corrupted_cache_copy, tiny_llama, tiny_pairs, tiny_teacher, tiny_tokenizer
 
 from rlkd_onpolicy import RLKDConfig, RLKDTrainer
-from rlkd_onpolicy.cache import build_cache
-
-K = 8
 
 
 def _args(tmp_path, **kw):
@@ -18,19 +16,6 @@ def _args(tmp_path, **kw):
     return RLKDConfig(**base)
 
 
-def _teacher():
-    return tiny_llama(64, hidden=48, layers=2, seed=1, sharpen=4.0)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache") / "teacher-top8"
-    build_cache(_teacher(), tiny_tokenizer(), tiny_pairs(12), str(out), k=K, temperature=1.0, dtype="float32",
-                batch_size=4, max_length=32, max_prompt_length=16, shard_size=5, teacher_name="tiny-teacher",
-                progress=False)
-    return out
-
-
 @pytest.mark.parametrize("mode", ["off_policy", "seq_kd"])
 def test_cache_training_equals_an_online_sparse_teacher(tmp_path, cache_dir, mode):
     cached = RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=None, processing_class=tiny_tokenizer(),
@@ -38,7 +23,7 @@ def test_cache_training_equals_an_online_sparse_teacher(tmp_path, cache_dir, mod
                          train_dataset=tiny_pairs(12))
     assert cached.teacher is None
     cached.train()
-    online = RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=_teacher(), processing_class=tiny_tokenizer(),
+    online = RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=tiny_teacher(), processing_class=tiny_tokenizer(),
                          args=_args(tmp_path / "o", sampling_mode="off_policy", teacher_top_k=K),
                          train_dataset=tiny_pairs(12))
     online.train()
@@ -76,14 +61,7 @@ def test_cache_bad_input(tmp_path, cache_dir):
 
 
 def test_corrupted_cache_fails_before_training(tmp_path, cache_dir):
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(cache_dir, broken)
-    shard = sorted(broken.glob("*.safetensors"))[1]
-    data = bytearray(shard.read_bytes())
-    data[-5] ^= 0xFF  # flip one byte of the payload
-    shard.write_bytes(bytes(data))
+    broken = corrupted_cache_copy(cache_dir, tmp_path / "broken")
     with pytest.raises(ValueError, match="(?i)checksum|sha"):
         RLKDTrainer(model=tiny_llama(64, seed=2), teacher_model=None, processing_class=tiny_tokenizer(),
                     args=_args(tmp_path, teacher_cache=str(broken)), train_dataset=tiny_pairs(12))

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from tiny_models import tiny_llama, tiny_pairs, tiny_tokenizer
+from tiny_models import student_and_teacher as _models
+from tiny_models import tiny_pairs, tiny_tokenizer
 from transformers import LlamaForCausalLM
 
 from rlkd_onpolicy import RLKDConfig, RLKDTrainer
@@ -16,12 +17,6 @@ def _config(tmp_path, **overrides) -> RLKDConfig:
     )  # fmt: skip
     base.update(overrides)
     return RLKDConfig(**base)
-
-
-def _models(student_vocab=64):
-    teacher = tiny_llama(64, hidden=48, layers=2, seed=1, sharpen=4.0)
-    student = tiny_llama(student_vocab, hidden=32, layers=1, seed=2)
-    return student, teacher
 
 
 def _train(tmp_path, student, teacher, **overrides):
