@@ -324,8 +324,6 @@ def main() -> None:
         runs["seq_kd_cuda_graph"] = row("seq_kd", cache_implementation="cuda_graph")
         runs["speculative_static"] = row("speculative", cache_implementation="static")
     runs["seq_kd"] = row("seq_kd")
-    if on_cuda:
-        runs["on_policy_static_compiled"] = row("on_policy", cache_implementation="static", compile_step=True)
     if args.rows:
         unknown = sorted(set(args.rows) - set(runs))
         if unknown:

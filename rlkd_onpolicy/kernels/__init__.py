@@ -12,16 +12,15 @@ from __future__ import annotations
 import torch
 
 from rlkd_onpolicy._imports import is_triton_available, require
-from rlkd_onpolicy.kernels.reference import TopKLossOptions, reference_topk_loss
-from rlkd_onpolicy.losses.divergences import MISSING_MASS, check_loss_options, log1mexp
-from rlkd_onpolicy.losses.ranking import UNIONS
+from rlkd_onpolicy.kernels.reference import reference_topk_loss
+from rlkd_onpolicy.losses.divergences import log1mexp
 from rlkd_onpolicy.losses.reduction import REDUCTIONS
+from rlkd_onpolicy.losses.spec import BACKENDS, LossSpec
 
-BACKENDS = ("auto", "torch", "triton")
 # The Triton kernel keeps a row's K ids in registers; beyond this the reference is the better choice.
 TRITON_MAX_K = 4096
 
-__all__ = ["BACKENDS", "TopKLossOptions", "fused_topk_loss", "resolve_backend"]
+__all__ = ["BACKENDS", "LossSpec", "fused_topk_loss", "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device, k: int = 1) -> str:
@@ -38,14 +37,15 @@ def resolve_backend(backend: str, device: torch.device, k: int = 1) -> str:
     return backend
 
 
-def _check_inputs(hidden, weight, bias, ids, logprobs, tail, mask, options: TopKLossOptions, reduction: str):
-    check_loss_options(options.loss, options.beta, options.skew_alpha, options.temperature)
-    if options.missing_mass not in MISSING_MASS:
-        raise ValueError(f"missing_mass={options.missing_mass!r} is not one of {MISSING_MASS}.")
+def _check_inputs(hidden, weight, bias, ids, logprobs, tail, mask, spec: LossSpec, chunk_size: int, reduction: str):
+    """What LossSpec cannot know: the tensors, the reduction, the chunk size and rank_k against the teacher's K."""
+    if spec.rank_dynamic_weighting:
+        raise ValueError("LossSpec.rank_dynamic_weighting=True is not supported by fused_topk_loss (it would need the "
+                         "student's top-k over the whole vocabulary): use distillation_loss on the logits.")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}.")
-    if options.chunk_size < 1:
-        raise ValueError(f"chunk_size={options.chunk_size} must be >= 1 (tokens per chunk of logits).")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per chunk of logits).")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"lm_head_weight must be (V, H) with H = student_hidden.shape[-1]={hidden.shape[-1]}; got "
@@ -77,15 +77,8 @@ def _check_inputs(hidden, weight, bias, ids, logprobs, tail, mask, options: TopK
             f"mask must be a bool tensor of shape {tuple(lead)} (True = the token counts); got "
             f"{mask.dtype} {tuple(mask.shape)}."
         )
-    if options.rank_weight < 0:
-        raise ValueError(f"rank_weight={options.rank_weight} must be >= 0 (RLKD uses 2.0; 0 turns ranking off).")
-    if options.rank_weight > 0:
-        if options.rank_union not in UNIONS:
-            raise ValueError(f"rank_union={options.rank_union!r} is not one of {UNIONS}.")
-        if not 1 <= options.rank_k <= k:
-            raise ValueError(f"rank_k={options.rank_k} must be in [1, K={k}] (the teacher's top-k come from its K).")
-        if not options.regularization_strength > 0:
-            raise ValueError(f"regularization_strength={options.regularization_strength} must be positive.")
+    if spec.rank_weight > 0 and spec.rank_k > k:
+        raise ValueError(f"rank_k={spec.rank_k} must be in [1, K={k}] (the teacher's top-k come from its K).")
 
 
 def _check_ids(ids: torch.Tensor, vocab: int) -> None:
@@ -122,21 +115,13 @@ def fused_topk_loss(
     teacher_topk_logprobs: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
+    spec: LossSpec | None = None,
     lm_head_bias: torch.Tensor | None = None,
-    loss: str = "fkl",
-    missing_mass: str = "tail",
     teacher_tail_logprob: torch.Tensor | None = None,
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    rank_weight: float = 0.0,
-    rank_k: int = 5,
-    rank_union: str = "exact",
-    regularization_strength: float = 1.0,
-    temperature: float = 1.0,
     reduction: str = "mean",
     chunk_size: int = 1024,
-    backend: str = "auto",
     return_parts: bool = False,
+    **options,
 ):
     """Sparse KD loss (+ RLKD ranking loss) of a student against a top-K teacher, from the student's hidden states.
 
@@ -151,28 +136,26 @@ def fused_topk_loss(
         teacher_topk_ids: (..., K) distinct teacher ids per token (p side; constants).
         teacher_topk_logprobs: (..., K) teacher log-probs over the full vocabulary at the loss temperature.
         mask: (...) bool, True where a token counts; masked rows never enter the computation.
+        spec: the objective (`LossSpec`; its `backend` picks the kernel: "auto" | "torch" | "triton"; no
+            rank_dynamic_weighting here). Or, without it, LossSpec's fields as keyword `options`, with one
+            difference kept for direct callers: rank_weight defaults to 0 here (the ranking term off).
         teacher_tail_logprob: (...) log of the teacher mass outside its K ids; default log(1 − Σ exp(logprobs)).
-        loss, beta, skew_alpha, missing_mass, temperature: as in `sparse_divergence`.
-        rank_weight, rank_k, rank_union, regularization_strength: the ranking term (off when rank_weight = 0).
         reduction: "mean" | "sum" | "none" (shape (...), 0 at masked tokens) | "sum_count" ((sum, count)).
         chunk_size: tokens per chunk of logits (memory ~ chunk_size × V).
-        backend: "auto" | "torch" | "triton".
         return_parts: also return {"kd": ..., "rank": ...}, detached, reduced the same way.
 
     Example:
         >>> h, w = torch.randn(6, 16, requires_grad=True), torch.randn(100, 16, requires_grad=True)
         >>> t = torch.randn(6, 100).log_softmax(-1).topk(8)
-        >>> fused_topk_loss(h, w, t.indices, t.values, loss="jsd").backward()
+        >>> fused_topk_loss(h, w, t.indices, t.values, spec=LossSpec(loss="jsd", rank_weight=0.0)).backward()
     """
-    options = TopKLossOptions(
-        loss=loss, missing_mass=missing_mass, beta=beta, skew_alpha=skew_alpha, rank_weight=rank_weight,
-        rank_k=rank_k, rank_union=rank_union, regularization_strength=regularization_strength,
-        temperature=temperature, chunk_size=chunk_size,
-    )
+    if spec is None:
+        options.setdefault("rank_weight", 0.0)
+    spec = LossSpec.from_options(spec, **options)
     _check_inputs(student_hidden, lm_head_weight, lm_head_bias, teacher_topk_ids, teacher_topk_logprobs,
-                  teacher_tail_logprob, mask, options, reduction)
+                  teacher_tail_logprob, mask, spec, chunk_size, reduction)
     vocab, k = lm_head_weight.shape[0], teacher_topk_ids.shape[-1]
-    chosen = resolve_backend(backend, student_hidden.device, k)
+    chosen = resolve_backend(spec.backend, student_hidden.device, k)
 
     lead = student_hidden.shape[:-1]
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -195,11 +178,11 @@ def fused_topk_loss(
         from rlkd_onpolicy.kernels.triton_topk import triton_topk_loss
 
         result, kd_rows, rank_rows = triton_topk_loss(
-            hidden, lm_head_weight, lm_head_bias, ids, logprobs, tail, options, per_row
+            hidden, lm_head_weight, lm_head_bias, ids, logprobs, tail, spec, chunk_size, per_row
         )
     else:
         result, kd_rows, rank_rows = reference_topk_loss(
-            hidden, lm_head_weight, lm_head_bias, ids, logprobs, tail, options, per_row
+            hidden, lm_head_weight, lm_head_bias, ids, logprobs, tail, spec, chunk_size, per_row
         )
     count = torch.tensor(hidden.shape[0], device=hidden.device)
     total_rows = lead.numel()

@@ -7,29 +7,12 @@ logits and the backward recomputes one chunk's logits at a time. The Triton path
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rlkd_onpolicy.losses import sparse_divergence, sparse_ranking_loss
-
-
-@dataclass(frozen=True)
-class TopKLossOptions:
-    """The loss options shared by both backends (validated by `rlkd_onpolicy.kernels.fused_topk_loss`)."""
-
-    loss: str = "fkl"
-    missing_mass: str = "tail"
-    beta: float = 0.5
-    skew_alpha: float = 0.1
-    rank_weight: float = 0.0
-    rank_k: int = 5
-    rank_union: str = "exact"
-    regularization_strength: float = 1.0
-    temperature: float = 1.0
-    chunk_size: int = 1024
+from rlkd_onpolicy.losses.spec import LossSpec
 
 
 def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -37,18 +20,18 @@ def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_size, n)) for start in range(0, max(n, 1), chunk_size)]
 
 
-def _chunk_rows(hidden, weight, bias, ids, logprobs, tail, options: TopKLossOptions):
+def _chunk_rows(hidden, weight, bias, ids, logprobs, tail, spec: LossSpec):
     logits = F.linear(hidden, weight, bias)
     kd = sparse_divergence(
-        logits, ids, logprobs, loss=options.loss, beta=options.beta, skew_alpha=options.skew_alpha,
-        temperature=options.temperature, missing_mass=options.missing_mass, teacher_tail_logprob=tail,
+        logits, ids, logprobs, loss=spec.loss, beta=spec.beta, skew_alpha=spec.skew_alpha,
+        temperature=spec.temperature, missing_mass=spec.missing_mass, teacher_tail_logprob=tail,
         reduction="none",
     )
-    if options.rank_weight == 0.0:
+    if spec.rank_weight == 0.0:
         return kd, torch.zeros_like(kd)
     rank = sparse_ranking_loss(
-        logits, ids, logprobs, teacher_tail_logprob=tail, k=options.rank_k, union=options.rank_union,
-        regularization_strength=options.regularization_strength, temperature=options.temperature, reduction="none",
+        logits, ids, logprobs, teacher_tail_logprob=tail, k=spec.rank_k, union=spec.rank_union,
+        regularization_strength=spec.regularization_strength, temperature=spec.temperature, reduction="none",
     )
     return kd, rank
 
@@ -60,7 +43,8 @@ def reference_topk_rows(
     teacher_topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
     teacher_tail_logprob: torch.Tensor,
-    options: TopKLossOptions,
+    spec: LossSpec,
+    chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KD and ranking losses `(kd (n,), rank (n,))` of counted rows, differentiable.
 
@@ -69,13 +53,14 @@ def reference_topk_rows(
         lm_head_weight: (V, H) and lm_head_bias: (V,) or None, the student's output projection.
         teacher_topk_ids, teacher_topk_logprobs: (n, K) the sparse teacher (p), at the loss temperature.
         teacher_tail_logprob: (n,) log of the teacher mass outside its K ids.
+        spec: the objective (validated by `fused_topk_loss`); chunk_size: rows per chunk of logits.
     """
     kd, rank = [], []
-    for start, end in chunk_bounds(student_hidden.shape[0], options.chunk_size):
+    for start, end in chunk_bounds(student_hidden.shape[0], chunk_size):
         rows = slice(start, end)
         chunk_kd, chunk_rank = checkpoint(
             _chunk_rows, student_hidden[rows], lm_head_weight, lm_head_bias, teacher_topk_ids[rows],
-            teacher_topk_logprobs[rows], teacher_tail_logprob[rows], options, use_reentrant=False,
+            teacher_topk_logprobs[rows], teacher_tail_logprob[rows], spec, use_reentrant=False,
         )
         kd.append(chunk_kd)
         rank.append(chunk_rank)
@@ -84,12 +69,12 @@ def reference_topk_rows(
 
 def reference_topk_loss(
     student_hidden, lm_head_weight, lm_head_bias, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
-    options: TopKLossOptions, per_row: bool,
+    spec: LossSpec, chunk_size: int, per_row: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backend interface: `(loss, kd_rows, rank_rows)`, loss summed over rows unless `per_row`."""
     kd, rank = reference_topk_rows(
         student_hidden, lm_head_weight, lm_head_bias, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
-        options,
+        spec, chunk_size,
     )
-    rows = kd + options.rank_weight * rank if options.rank_weight else kd
+    rows = kd + spec.rank_weight * rank if spec.rank_weight else kd
     return (rows if per_row else rows.sum()), kd.detach(), rank.detach()

@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from rlkd_onpolicy.kernels.reference import TopKLossOptions, chunk_bounds
+from rlkd_onpolicy.kernels.reference import chunk_bounds
 from rlkd_onpolicy.losses.ranking import pearson_rows, soft_rank, sparse_teacher_values, union_groups
+from rlkd_onpolicy.losses.spec import LossSpec
 
 _CODES = {"fkl": 0, "rkl": 1, "jsd": 2, "tvd": 3, "skl": 4, "srkl": 5, "zero": 6}
 # float32 min: log 0 is clamped here, as `losses.divergences._finite_logs` does (a constexpr: compiled kernels may
@@ -181,10 +182,10 @@ def _topk_kd_kernel(
         tl.store(row_ptr + ids, grad_ids.to(logits_ptr.dtype.element_ty), mask=k_mask)
 
 
-def _loss_code(options: TopKLossOptions) -> tuple[int, float, float, float]:
+def _loss_code(spec: LossSpec) -> tuple[int, float, float, float]:
     """Kernel code and mixture weights (log w_p, log w_q, w_q); the end points map to the plain KLs or to 0,
     exactly as `losses.divergences.bucket_divergence` special-cases them."""
-    loss, beta, alpha = options.loss, options.beta, options.skew_alpha
+    loss, beta, alpha = spec.loss, spec.beta, spec.skew_alpha
     if loss == "jsd":
         loss = "fkl" if beta == 0.0 else "rkl" if beta == 1.0 else loss
         weight_p = beta
@@ -201,25 +202,25 @@ def _loss_code(options: TopKLossOptions) -> tuple[int, float, float, float]:
     return _CODES[loss], math.log(weight_p), math.log1p(-weight_p), 1.0 - weight_p
 
 
-def _kd_chunk(logits, ids, logprobs, tail, scale, options: TopKLossOptions, write_grad: bool) -> torch.Tensor:
+def _kd_chunk(logits, ids, logprobs, tail, scale, spec: LossSpec, write_grad: bool) -> torch.Tensor:
     """Launch the kernel on a (C, V) logits chunk; returns the (C,) fp32 KD loss, logits overwritten."""
     rows, vocab = logits.shape
     k = ids.shape[1]
     loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
     if rows == 0:
         return loss
-    code, log_wp, log_wq, weight_q = _loss_code(options)
+    code, log_wp, log_wq, weight_q = _loss_code(spec)
     block_v = min(triton.next_power_of_2(vocab), 1024 if _INTERPRET else 4096)
     _topk_kd_kernel[(rows,)](
-        logits, logits.stride(0), ids, logprobs, tail, scale, loss, vocab, k, 1.0 / options.temperature,
+        logits, logits.stride(0), ids, logprobs, tail, scale, loss, vocab, k, 1.0 / spec.temperature,
         log_wp, log_wq, weight_q,
-        LOSS=code, TAIL=options.missing_mass == "tail", FULL=k == vocab, WRITE_GRAD=write_grad,
+        LOSS=code, TAIL=spec.missing_mass == "tail", FULL=k == vocab, WRITE_GRAD=write_grad,
         BLOCK_V=block_v, BLOCK_K=triton.next_power_of_2(k), num_warps=8,
     )
     return loss
 
 
-def _rank_chunk(logits, ids, logprobs, tail, options: TopKLossOptions, need_grad: bool):
+def _rank_chunk(logits, ids, logprobs, tail, spec: LossSpec, need_grad: bool):
     """The ranking loss of a chunk on its union ids only: (C,) losses and [(rows, ids, d loss/d scaled logits)].
 
     The same computation as `losses.sparse_ranking_loss`, but the student's values are gathered at the (g, n)
@@ -229,17 +230,17 @@ def _rank_chunk(logits, ids, logprobs, tail, options: TopKLossOptions, need_grad
     compute = tail.dtype
     teacher_lp = logprobs.to(compute)
     fill = tail - math.log(max(vocab - cached, 1))
-    teacher_top = ids.gather(-1, teacher_lp.topk(options.rank_k, dim=-1).indices).long()
-    student_top = logits.topk(options.rank_k, dim=-1).indices  # dividing by T > 0 keeps the order
+    teacher_top = ids.gather(-1, teacher_lp.topk(spec.rank_k, dim=-1).indices).long()
+    student_top = logits.topk(spec.rank_k, dim=-1).indices  # dividing by T > 0 keeps the order
     loss = torch.zeros(logits.shape[0], device=logits.device, dtype=compute)
     grads = []
-    for rows, candidates in union_groups(teacher_top, student_top, options.rank_union):
-        values = (logits[rows.unsqueeze(-1), candidates].to(compute) / options.temperature).requires_grad_(need_grad)
+    for rows, candidates in union_groups(teacher_top, student_top, spec.rank_union):
+        values = (logits[rows.unsqueeze(-1), candidates].to(compute) / spec.temperature).requires_grad_(need_grad)
         with torch.enable_grad():
-            student_ranks = soft_rank(values, options.regularization_strength)
+            student_ranks = soft_rank(values, spec.regularization_strength)
             with torch.no_grad():
                 teacher_values = sparse_teacher_values(candidates, ids[rows], teacher_lp[rows], fill[rows])
-                teacher_ranks = soft_rank(teacher_values, options.regularization_strength)
+                teacher_ranks = soft_rank(teacher_values, spec.regularization_strength)
             rho, defined = pearson_rows(student_ranks, teacher_ranks)
             group_loss = torch.where(defined, 1.0 - rho, torch.zeros_like(rho))
             if need_grad:
@@ -249,7 +250,7 @@ def _rank_chunk(logits, ids, logprobs, tail, options: TopKLossOptions, need_grad
     return loss, grads
 
 
-def _run(hidden, weight, bias, ids, logprobs, tail, options: TopKLossOptions, row_scale, need_grads):
+def _run(hidden, weight, bias, ids, logprobs, tail, spec: LossSpec, chunk_size: int, row_scale, need_grads):
     """One pass over the chunks: per-row (kd, rank) and, when `need_grads` (hidden, weight, bias) grads for
     Σ_rows row_scale · (kd + rank_weight · rank)."""
     n = hidden.shape[0]
@@ -259,25 +260,25 @@ def _run(hidden, weight, bias, ids, logprobs, tail, options: TopKLossOptions, ro
     grad_weight = torch.zeros_like(weight) if need_grads[1] else None
     grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_grads[2] else None
     write_grad = any(need_grads)
-    ones = torch.ones(min(n, options.chunk_size), device=hidden.device, dtype=torch.float32)
-    for start, end in chunk_bounds(n, options.chunk_size):
+    ones = torch.ones(min(n, chunk_size), device=hidden.device, dtype=torch.float32)
+    for start, end in chunk_bounds(n, chunk_size):
         if end == start:
             break
         chunk = hidden[start:end]
         logits = torch.nn.functional.linear(chunk, weight, bias).contiguous()
         scale = ones[: end - start] if row_scale is None else row_scale[start:end].float().contiguous()
         rank_grads = []
-        if options.rank_weight:
+        if spec.rank_weight:
             rank[start:end], rank_grads = _rank_chunk(
-                logits, ids[start:end], logprobs[start:end], tail[start:end], options, write_grad
+                logits, ids[start:end], logprobs[start:end], tail[start:end], spec, write_grad
             )
-        kd[start:end] = _kd_chunk(logits, ids[start:end], logprobs[start:end], tail[start:end], scale, options,
+        kd[start:end] = _kd_chunk(logits, ids[start:end], logprobs[start:end], tail[start:end], scale, spec,
                                   write_grad)
         if not write_grad:
             continue
         for rows, candidates, grad in rank_grads:
             # d(rank_weight · rank)/d logits = rank_weight / T · d rank/d(logits / T); duplicates ("concat") add up.
-            grad = grad * (options.rank_weight / options.temperature) * scale[rows].unsqueeze(-1).to(grad.dtype)
+            grad = grad * (spec.rank_weight / spec.temperature) * scale[rows].unsqueeze(-1).to(grad.dtype)
             flat = (rows.unsqueeze(-1) * logits.shape[1] + candidates).reshape(-1)
             logits.view(-1).index_add_(0, flat, grad.reshape(-1).to(logits.dtype))
         if grad_hidden is not None:
@@ -293,18 +294,18 @@ def _run(hidden, weight, bias, ids, logprobs, tail, options: TopKLossOptions, ro
 
 class _FusedTopKLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, logprobs, tail, options, per_row):
+    def forward(ctx, hidden, weight, bias, ids, logprobs, tail, spec, chunk_size, per_row):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        ctx.options, ctx.per_row = options, per_row
+        ctx.spec, ctx.chunk_size, ctx.per_row = spec, chunk_size, per_row
         if per_row:
             # Per-token output: its grad_output weights each row, so the backward recomputes with those weights.
-            kd, rank, _ = _run(hidden, weight, bias, ids, logprobs, tail, options, None, (False, False, False))
+            kd, rank, _ = _run(hidden, weight, bias, ids, logprobs, tail, spec, chunk_size, None, (False, False, False))
             ctx.save_for_backward(hidden, weight, bias, ids, logprobs, tail)
         else:
-            kd, rank, grads = _run(hidden, weight, bias, ids, logprobs, tail, options, None, need)
+            kd, rank, grads = _run(hidden, weight, bias, ids, logprobs, tail, spec, chunk_size, None, need)
             ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
             ctx.has_grad = [g is not None for g in grads]
-        rows = kd + options.rank_weight * rank  # a new tensor even at rank_weight = 0: kd is a separate output
+        rows = kd + spec.rank_weight * rank  # a new tensor even at rank_weight = 0: kd is a separate output
         ctx.mark_non_differentiable(kd, rank)
         return (rows if per_row else rows.sum()), kd, rank
 
@@ -313,7 +314,7 @@ class _FusedTopKLoss(torch.autograd.Function):
         if ctx.per_row:
             hidden, weight, bias, ids, logprobs, tail = ctx.saved_tensors
             need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-            _, _, grads = _run(hidden, weight, bias, ids, logprobs, tail, ctx.options, grad_output, need)
+            _, _, grads = _run(hidden, weight, bias, ids, logprobs, tail, ctx.spec, ctx.chunk_size, grad_output, need)
         else:
             # The gradients were computed in the forward for a unit grad_output; the loss is linear in it.
             scale = grad_output.to(torch.float32)
@@ -321,15 +322,15 @@ class _FusedTopKLoss(torch.autograd.Function):
                 (g * scale).to(g.dtype) if present else None
                 for g, present in zip(ctx.saved_tensors, ctx.has_grad, strict=True)
             ]
-        return grads[0], grads[1], grads[2], None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
 def triton_topk_loss(
     student_hidden, lm_head_weight, lm_head_bias, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
-    options: TopKLossOptions, per_row: bool,
+    spec: LossSpec, chunk_size: int, per_row: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backend interface of `reference.reference_topk_loss`: `(loss, kd_rows, rank_rows)`."""
     return _FusedTopKLoss.apply(
         student_hidden, lm_head_weight, lm_head_bias, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob,
-        options, per_row,
+        spec, chunk_size, per_row,
     )

@@ -1,4 +1,5 @@
-"""Distillation losses: divergences (dense and sparse), the RLKD ranking loss, and one composing entry point.
+"""Distillation losses: divergences (dense and sparse), the RLKD ranking loss, and one composing entry point
+taking the objective's options as one `LossSpec`.
 
 p is always the teacher and q the student; docs/losses.md has every formula with its paper.
 """
@@ -22,6 +23,7 @@ from rlkd_onpolicy.losses.divergences import (
 )
 from rlkd_onpolicy.losses.ranking import UNIONS, ranking_loss, soft_rank, sparse_ranking_loss, topk_overlap
 from rlkd_onpolicy.losses.reduction import REDUCTIONS
+from rlkd_onpolicy.losses.spec import LossSpec
 
 __all__ = [
     "LOSSES",
@@ -29,6 +31,7 @@ __all__ = [
     "REDUCTIONS",
     "UNIONS",
     "DistillationLoss",
+    "LossSpec",
     "TeacherTopK",
     "bucket_divergence",
     "dense_divergence",

@@ -2,7 +2,8 @@
 
     L = rank_weight · L_rank + w · L_KD,   w = 1, or |top-k(p) ∩ top-k(q)| / k with dynamic weighting
 
-RLKD's total is 2·L_rank + L_KD, so `rank_weight=2.0` reproduces the paper and `rank_weight=0` turns ranking off.
+RLKD's total is 2·L_rank + L_KD, so LossSpec's default `rank_weight=2.0` reproduces the paper and `rank_weight=0`
+turns ranking off.
 The teacher is either dense (`teacher_logits`) or sparse (`teacher_topk_ids` + `teacher_topk_logprobs`).
 """
 
@@ -13,6 +14,7 @@ import torch
 from rlkd_onpolicy.losses.divergences import dense_divergence, sparse_divergence
 from rlkd_onpolicy.losses.ranking import ranking_loss, sparse_ranking_loss, topk_overlap
 from rlkd_onpolicy.losses.reduction import check_mask
+from rlkd_onpolicy.losses.spec import LossSpec
 
 
 class DistillationLoss(NamedTuple):
@@ -31,19 +33,11 @@ def distillation_loss(
     teacher_topk_ids: torch.Tensor | None = None,
     teacher_topk_logprobs: torch.Tensor | None = None,
     teacher_tail_logprob: torch.Tensor | None = None,
-    loss: str = "fkl",
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    temperature: float = 1.0,
-    missing_mass: str = "tail",
-    rank_weight: float = 2.0,
-    rank_k: int = 5,
-    rank_union: str = "exact",
-    rank_dynamic_weighting: bool = False,
-    regularization_strength: float = 1.0,
+    spec: LossSpec | None = None,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     rank_stats: dict | None = None,
+    **options,
 ) -> DistillationLoss:
     """KD divergence + `rank_weight` × RLKD ranking loss, per token, reduced once.
 
@@ -51,22 +45,21 @@ def distillation_loss(
         student_logits: (..., V) the student's logits (q).
         teacher_logits: (..., V) the teacher's logits (p), or None with a sparse teacher:
         teacher_topk_ids / teacher_topk_logprobs / teacher_tail_logprob: (..., K) / (..., K) / (...) sparse teacher.
-        loss, beta, skew_alpha, temperature, missing_mass: the divergence (see `dense_divergence`).
-        rank_weight, rank_k, rank_union, regularization_strength: the ranking loss (see `ranking_loss`).
-        rank_dynamic_weighting: scale each token's KD term by its top-k overlap |top-k(p) ∩ top-k(q)| / k (RLKD).
+        spec: the objective (`LossSpec`: divergence, ranking term, dynamic weighting); or, without it, its fields
+            as keyword `options` (loss="jsd", rank_weight=0, ...), the others at LossSpec's defaults.
         mask: (...) bool; reduction: "mean", "sum" or "none" (per token); `num_tokens` is always returned, so
             "sum" gives what a trainer needs to divide once per optimizer step.
         rank_stats: a dict that gains the ranking loss's row counts ("rows", "hard_rows", "undefined_rows"; see
             `ranking_loss`), for diagnostics; untouched when rank_weight is 0.
 
     Example:
-        >>> out = distillation_loss(torch.randn(2, 9, 100), torch.randn(2, 9, 100), loss="fkl", rank_weight=2.0)
+        >>> out = distillation_loss(torch.randn(2, 9, 100), torch.randn(2, 9, 100), spec=LossSpec(rank_weight=2.0))
         >>> out.loss.backward()  # doctest: +SKIP
     """
+    spec = LossSpec.from_options(spec, **options)
+    loss, rank_weight, rank_k, temperature = spec.loss, spec.rank_weight, spec.rank_k, spec.temperature
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r} must be 'mean', 'sum' or 'none' (num_tokens is always returned).")
-    if rank_weight < 0:
-        raise ValueError(f"rank_weight={rank_weight} must be ≥ 0 (0 turns the ranking loss off; RLKD uses 2).")
     sparse = teacher_logits is None
     if sparse and (teacher_topk_ids is None or teacher_topk_logprobs is None):
         raise ValueError("Give either teacher_logits or both teacher_topk_ids and teacher_topk_logprobs.")
@@ -77,31 +70,31 @@ def distillation_loss(
 
     if sparse:
         kd = sparse_divergence(
-            student_logits, teacher_topk_ids, teacher_topk_logprobs, loss=loss, beta=beta, skew_alpha=skew_alpha,
-            temperature=temperature, missing_mass=missing_mass, teacher_tail_logprob=teacher_tail_logprob,
-            mask=mask, reduction="none",
+            student_logits, teacher_topk_ids, teacher_topk_logprobs, loss=loss, beta=spec.beta,
+            skew_alpha=spec.skew_alpha, temperature=temperature, missing_mass=spec.missing_mass,
+            teacher_tail_logprob=teacher_tail_logprob, mask=mask, reduction="none",
         )
     else:
         kd = dense_divergence(
-            student_logits, teacher_logits, loss, beta=beta, skew_alpha=skew_alpha, temperature=temperature,
+            student_logits, teacher_logits, loss, beta=spec.beta, skew_alpha=spec.skew_alpha, temperature=temperature,
             mask=mask, reduction="none",
         )
     if rank_weight > 0:
         if sparse:
             rank = sparse_ranking_loss(
                 student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob=teacher_tail_logprob,
-                k=rank_k, union=rank_union, regularization_strength=regularization_strength,
+                k=rank_k, union=spec.rank_union, regularization_strength=spec.regularization_strength,
                 temperature=temperature, mask=mask, reduction="none", stats=rank_stats,
             )
         else:
             rank = ranking_loss(
-                student_logits, teacher_logits, k=rank_k, union=rank_union,
-                regularization_strength=regularization_strength, temperature=temperature, mask=mask,
+                student_logits, teacher_logits, k=rank_k, union=spec.rank_union,
+                regularization_strength=spec.regularization_strength, temperature=temperature, mask=mask,
                 reduction="none", stats=rank_stats,
             )
     else:
         rank = torch.zeros_like(kd)
-    if rank_dynamic_weighting:
+    if spec.rank_dynamic_weighting:
         with torch.no_grad():
             if sparse:
                 best = teacher_topk_logprobs.topk(rank_k, dim=-1).indices

@@ -27,6 +27,10 @@ from collections import OrderedDict
 import torch
 from transformers import StaticCache
 
+from .hf import cache_kwarg
+from .rng import row_uniforms
+from .warping import sample_from_logits
+
 GRAPH_ATTENTION = ("sdpa", "eager")
 
 
@@ -58,12 +62,6 @@ def graphable(model: torch.nn.Module) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    from .generate import _cache_kwarg as kwarg  # one place knows transformers' rename of past_key_values
-
-    return kwarg(model)
 
 
 def _run_then_capture(run, device: torch.device):
@@ -103,7 +101,7 @@ class GraphBucket:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.eager_mask = (getattr(model.config, "_attn_implementation", None) or "eager") == "eager"
-        self.cache_kwarg = _cache_kwarg(model)
+        self.cache_kwarg = cache_kwarg(model)
         self.sampled_steps: dict[tuple, SampledStep] = {}
 
     def sampled_step(self, logits: torch.Tensor, *, stream, temperature, top_p, vocab_size, eos, pad) -> SampledStep:
@@ -195,9 +193,6 @@ class SampledStep:
         self.tokens.fill_(pad)
 
     def _run(self, model: torch.nn.Module) -> None:
-        from .rng import row_uniforms
-        from .warping import sample_from_logits
-
         stream, temperature, top_p, vocab_size, pad = self.settings
         bucket, bsz = self.bucket, self.tokens.shape[0]
         uniforms = row_uniforms(self.seeds, self.step_index.expand(bsz), stream)

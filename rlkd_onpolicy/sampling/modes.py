@@ -14,85 +14,50 @@ from collections.abc import Sequence
 
 import torch
 
-from .generate import (
-    CACHE_IMPLEMENTATIONS,
-    check_compile,
-    check_prompt,
-    check_sampling,
-    decode,
-    eval_mode,
-    model_device,
-    output_vocab_size,
-    resolve_pad,
-    shared_vocab_size,
-)
-from .graphs import check_graphable
-from .rng import STREAM_STUDENT, STREAM_TEACHER, draw_row_seeds
-from .rollout import SOURCE_DATA, SOURCE_STUDENT, SOURCE_TEACHER, Rollout, assemble_rollout
-from .speculative import check_speculative, speculative_generate
+from rlkd_onpolicy.vocab import output_rows as output_vocab_size
 
-SAMPLING_MODES = ("off_policy", "seq_kd", "on_policy", "mixed", "speculative")
+from .generate import decode
+from .graphs import check_graphable
+from .hf import check_prompt, eval_mode, model_device, resolve_pad, shared_vocab_size
+from .rng import STREAM_STUDENT, STREAM_TEACHER, resolve_row_seeds
+from .rollout import SOURCE_DATA, SOURCE_STUDENT, SOURCE_TEACHER, Rollout, assemble_rollout
+from .spec import SAMPLING_MODES, SamplingSpec, SpecAttributes
+from .speculative import speculative_generate
+
+__all__ = ["SAMPLING_MODES", "RolloutSampler"]
 _NEEDS_TEACHER = ("seq_kd", "speculative")
 _NEEDS_DATA = ("off_policy", "mixed")
 
 
-class RolloutSampler:
+class RolloutSampler(SpecAttributes):
     """Produces a `Rollout` for one of SAMPLING_MODES from a batch; the trainer's single entry point to sampling.
 
     Args:
-        mode: one of SAMPLING_MODES.
+        mode_or_spec: a `SamplingSpec` (mode, λ, both models' warps, SKD's K, draft length and test, the KV cache;
+            docs/sampling.md), or a mode name with the spec's fields as keyword `options` (verify_on for
+            skd_verify_on), the others at SamplingSpec's defaults. The fields read as the sampler's attributes.
         student, teacher: causal LMs; the teacher may be None except in seq_kd and speculative.
-        lmbda: mixed mode's probability that a sequence is on-policy (drawn per sequence).
-        max_new_tokens: completion budget per sequence.
-        temperature, top_p: the student's sampling warp (on_policy, mixed, SKD proposals).
-        teacher_temperature, teacher_top_p: the teacher's sampling warp (seq_kd, SKD replacements); 0 = greedy.
-        skd_top_k, skd_draft_len, verify_on: SKD's top-K, block length, and raw/warped top-K test.
         eos_token_id: int or list of ints; None disables EOS stopping. pad_token_id: None -> EOS -> 0.
         max_vocab_padding: how many rows the teacher's and student's output layers may differ by (padding).
         vocab_size: the tokenizer's length (rlkd_onpolicy/vocab.py): no id ≥ vocab_size is ever sampled, in any
             mode, even where the output layers have more rows. None = the output layers' rows.
-        cache_implementation: "dynamic" (default), "static" (preallocated, fixed shapes) or "cuda_graph" (static
-            cache + the decode steps replayed as CUDA graphs, CUDA only);
-            compile_step: wrap the decode step in torch.compile (CUDA + static cache only). graph_sampling: with
-            "cuda_graph", also capture sampling and bookkeeping, one replay per step (decoding modes; SKD keeps its
-            eager verification); not yet measured on a GPU.
     """
 
     def __init__(
         self,
-        mode: str,
+        mode_or_spec: str | SamplingSpec,
         student: torch.nn.Module,
         teacher: torch.nn.Module | None = None,
         *,
-        lmbda: float = 0.5,
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        teacher_temperature: float = 1.0,
-        teacher_top_p: float = 1.0,
-        skd_top_k: int = 25,
-        skd_draft_len: int = 5,
-        verify_on: str = "raw",
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         max_vocab_padding: int = 256,
         vocab_size: int | None = None,
-        cache_implementation: str = "dynamic",
-        compile_step: bool = False,
-        graph_sampling: bool = False,
+        **options,
     ):
-        if mode not in SAMPLING_MODES:
-            raise ValueError(f"unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}")
-        if not 0.0 <= lmbda <= 1.0:
-            raise ValueError(f"lmbda must be in [0, 1] (the on-policy probability per sequence), got {lmbda}")
-        check_sampling(max_new_tokens, temperature, top_p)
-        check_sampling(max_new_tokens, teacher_temperature, teacher_top_p, name="teacher_")
-        if cache_implementation not in CACHE_IMPLEMENTATIONS:
-            raise ValueError(
-                f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}"
-            )
-        check_compile(compile_step, cache_implementation, model_device(student))
-        if cache_implementation == "cuda_graph":
+        spec = SamplingSpec.from_options(mode_or_spec, **options)
+        mode = spec.mode
+        if spec.cache_implementation == "cuda_graph":
             if model_device(student).type != "cuda":
                 raise ValueError(
                     f"cache_implementation='cuda_graph' needs the models on a CUDA device, the student is on "
@@ -110,24 +75,11 @@ class RolloutSampler:
         if vocab_size is not None and not 1 <= vocab_size <= rows:
             raise ValueError(f"vocab_size={vocab_size} must be in [1, {rows}] (the models' output rows)")
         self.vocab_size = rows if vocab_size is None else vocab_size
-        if mode == "speculative":
-            check_speculative(skd_top_k, skd_draft_len, verify_on, self.vocab_size)
-        self.mode, self.student, self.teacher = mode, student, teacher
-        self.lmbda = lmbda
-        self.max_new_tokens = max_new_tokens
-        self.temperature, self.top_p = temperature, top_p
-        self.teacher_temperature, self.teacher_top_p = teacher_temperature, teacher_top_p
-        self.skd_top_k, self.skd_draft_len, self.verify_on = skd_top_k, skd_draft_len, verify_on
+        spec.check_vocabulary(self.vocab_size)
+        self.spec, self.student, self.teacher = spec, student, teacher
         self.eos_token_id = eos_token_id
         self.pad_token_id = resolve_pad(pad_token_id, eos_token_id)
         self.max_vocab_padding = max_vocab_padding
-        self.cache_implementation = cache_implementation
-        self.compile_step = compile_step
-        if graph_sampling and cache_implementation != "cuda_graph":
-            raise ValueError(
-                f"graph_sampling=True needs cache_implementation='cuda_graph', got {cache_implementation!r}"
-            )
-        self.graph_sampling = graph_sampling
 
     def rollout(
         self,
@@ -156,33 +108,13 @@ class RolloutSampler:
             gen_device = generator.device if generator is not None else torch.device("cpu")
             coins = torch.rand(bsz, generator=generator, device=gen_device).to(device)
             on_policy_rows = coins < self.lmbda
-        if row_seeds is None:
-            row_seeds = draw_row_seeds(bsz, generator, device)
-        elif row_seeds.shape != (bsz,):
-            raise ValueError(f"row_seeds must have shape ({bsz},), got {tuple(row_seeds.shape)}")
-        row_seeds = row_seeds.to(device=device, dtype=torch.int64)
+        row_seeds = resolve_row_seeds(row_seeds, bsz, generator, device)
 
         if self.mode == "speculative":
             return speculative_generate(
-                self.student,
-                self.teacher,
-                prompt_ids,
-                prompt_mask,
-                top_k=self.skd_top_k,
-                draft_len=self.skd_draft_len,
-                max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature,
-                teacher_temperature=self.teacher_temperature,
-                top_p=self.top_p,
-                teacher_top_p=self.teacher_top_p,
-                verify_on=self.verify_on,
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                row_seeds=row_seeds,
-                max_vocab_padding=self.max_vocab_padding,
+                self.student, self.teacher, prompt_ids, prompt_mask, self.spec, eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id, row_seeds=row_seeds, max_vocab_padding=self.max_vocab_padding,
                 vocab_size=self.vocab_size,
-                cache_implementation=self.cache_implementation,
-                compile_step=self.compile_step,
             )
 
         start = time.perf_counter()
@@ -237,7 +169,6 @@ class RolloutSampler:
                 pad_token_id=self.pad_token_id,
                 vocab_size=self.vocab_size,
                 cache_implementation=self.cache_implementation,
-                compile_step=self.compile_step,
                 graph_sampling=self.graph_sampling,
             )
         source = torch.full_like(out.tokens, src, dtype=torch.int8)

@@ -51,3 +51,14 @@ def draw_row_seeds(batch_size: int, generator: torch.Generator | None = None, de
     gen_device = generator.device if generator is not None else torch.device("cpu")
     seeds = torch.randint(0, 2**SEED_BITS, (batch_size,), generator=generator, device=gen_device, dtype=torch.int64)
     return seeds.to(device) if device is not None else seeds
+
+
+def resolve_row_seeds(
+    row_seeds: torch.Tensor | None, batch_size: int, generator: torch.Generator | None, device
+) -> torch.Tensor:
+    """The given (B,) row seeds as int64 on `device`, or new ones drawn from `generator` when None."""
+    if row_seeds is None:
+        return draw_row_seeds(batch_size, generator, device)
+    if row_seeds.shape != (batch_size,):
+        raise ValueError(f"row_seeds must have shape ({batch_size},), got {tuple(row_seeds.shape)}")
+    return row_seeds.to(device=device, dtype=torch.int64)

@@ -24,12 +24,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .generate import (
-    CACHE_IMPLEMENTATIONS,
-    check_compile,
+from .graphs import check_graphable, graph_bucket
+from .hf import (
     check_prompt,
-    check_sampling,
-    compiled_forward,
     eos_tensor,
     eval_mode,
     forward_step,
@@ -39,21 +36,10 @@ from .generate import (
     resolve_pad,
     shared_vocab_size,
 )
-from .graphs import check_graphable, graph_bucket
-from .rng import STREAM_STUDENT, STREAM_TEACHER, draw_row_seeds, row_uniforms
+from .rng import STREAM_STUDENT, STREAM_TEACHER, resolve_row_seeds, row_uniforms
 from .rollout import SOURCE_STUDENT, SOURCE_TEACHER, Rollout, assemble_rollout, first_eos_mask
+from .spec import SamplingSpec
 from .warping import sample_from_logits, warp_logprobs
-
-VERIFY_ON = ("raw", "warped")
-
-
-def check_speculative(top_k: int, draft_len: int, verify_on: str, vocab_size: int) -> None:
-    if not isinstance(top_k, int) or not 1 <= top_k <= vocab_size:
-        raise ValueError(f"top_k must be an int in [1, vocabulary size {vocab_size}], got {top_k!r}")
-    if not isinstance(draft_len, int) or draft_len < 1:
-        raise ValueError(f"draft_len must be a positive int, got {draft_len!r}")
-    if verify_on not in VERIFY_ON:
-        raise ValueError(f"verify_on must be one of {VERIFY_ON}, got {verify_on!r}")
 
 
 def topk_accept(
@@ -117,86 +103,62 @@ def verify_drafts(
     return n_accept, replacement
 
 
+def speculative_spec(spec: SamplingSpec | None, options: dict) -> SamplingSpec:
+    """The SKD spec of `speculative_generate`'s and its reference's arguments: `spec`, or one of the keyword options
+    (top_k, draft_len, verify_on and SamplingSpec's other fields)."""
+    spec = SamplingSpec.from_options("speculative" if spec is None else spec, **options)
+    if spec.mode != "speculative":
+        raise ValueError(f"speculative_generate samples SamplingSpec.mode='speculative', not {spec.mode!r}.")
+    return spec
+
+
 @torch.no_grad()
 def speculative_generate(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    spec: SamplingSpec | None = None,
     *,
-    top_k: int = 25,
-    draft_len: int = 5,
-    max_new_tokens: int = 128,
-    temperature: float = 1.0,
-    teacher_temperature: float = 1.0,
-    top_p: float = 1.0,
-    teacher_top_p: float = 1.0,
-    verify_on: str = "raw",
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     row_seeds: torch.Tensor | None = None,
     max_vocab_padding: int = 256,
     vocab_size: int | None = None,
-    cache_implementation: str = "dynamic",
-    compile_step: bool = False,
+    **options,
 ) -> Rollout:
     """SKD rollout: student proposals, teacher top-K verification, teacher replacements; batched with KV caches.
 
-    input_ids / attention_mask (B, P) left-padded prompts. temperature / top_p warp the student's proposals,
-    teacher_temperature / teacher_top_p the teacher's replacements (teacher_temperature=0: its argmax) and, with
-    verify_on="warped", the top-K test (verify_on="raw" tests the raw logits). eos_token_id None: no EOS stop.
-    row_seeds (B,) int64 fixes each row's randomness (else drawn from `generator`). Returns a Rollout whose
-    token_source says, per completion token, SOURCE_STUDENT (accepted) or SOURCE_TEACHER (replaced), with stats
-    acceptance_rate, tokens_replaced, teacher_forward_passes, student_forward_passes, rounds.
-    vocab_size (the tokenizer's length) cuts both models' logits before proposals, the top-K test and
-    replacements, so no id ≥ vocab_size is emitted (default: the smaller output layer).
-    cache_implementation "static" preallocates both caches; "cuda_graph" also replays the student's single-token
-    step and the teacher's D-token block step as CUDA graphs (captured once per batch size and cache length);
-    compile_step (CUDA + static only) compiles them with torch.compile instead.
+    input_ids / attention_mask (B, P) left-padded prompts. `spec` (mode "speculative"; or, without it, its fields as
+    keyword `options`, with top_k, draft_len and verify_on for skd_top_k, skd_draft_len and skd_verify_on):
+    temperature / top_p warp the student's proposals, teacher_temperature / teacher_top_p the teacher's
+    replacements (teacher_temperature=0: its argmax) and, with skd_verify_on="warped", the top-K test ("raw" tests
+    the raw logits); cache_implementation "static" preallocates both caches, "cuda_graph" also replays the
+    student's single-token step and the teacher's D-token block step as CUDA graphs (captured once per batch size
+    and cache length). eos_token_id None: no EOS stop. row_seeds (B,) int64 fixes each row's randomness (else
+    drawn from `generator`). Returns a Rollout whose token_source says, per completion token, SOURCE_STUDENT
+    (accepted) or SOURCE_TEACHER (replaced), with stats acceptance_rate, tokens_replaced, teacher_forward_passes,
+    student_forward_passes, rounds. vocab_size (the tokenizer's length) cuts both models' logits before proposals,
+    the top-K test and replacements, so no id ≥ vocab_size is emitted (default: the smaller output layer).
     """
+    spec = speculative_spec(spec, options)
     check_prompt(input_ids, attention_mask)
-    check_sampling(max_new_tokens, temperature, top_p)
-    check_sampling(max_new_tokens, teacher_temperature, teacher_top_p, name="teacher_")
-    if cache_implementation not in CACHE_IMPLEMENTATIONS:
-        raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
     vocab = shared_vocab_size(student, teacher, max_vocab_padding)
     vocab = vocab if vocab_size is None else min(vocab, vocab_size)
-    check_speculative(top_k, draft_len, verify_on, vocab)
+    spec.check_vocabulary(vocab)
     pad = resolve_pad(pad_token_id, eos_token_id)
-    bsz = input_ids.shape[0]
     device = input_ids.device
-    check_compile(compile_step, cache_implementation, device)
-    if cache_implementation == "cuda_graph":
+    if spec.cache_implementation == "cuda_graph":
         check_graphable(student)
         check_graphable(teacher)
-    if row_seeds is None:
-        row_seeds = draw_row_seeds(bsz, generator, device)
-    elif row_seeds.shape != (bsz,):
-        raise ValueError(f"row_seeds must have shape ({bsz},), got {tuple(row_seeds.shape)}")
-    row_seeds = row_seeds.to(device=device, dtype=torch.int64)
+    row_seeds = resolve_row_seeds(row_seeds, input_ids.shape[0], generator, device)
 
     start = time.perf_counter()
     with eval_mode(student, teacher):
         tokens, source, completion_mask, counts = _speculative_decode(
-            student,
-            teacher,
-            input_ids,
-            attention_mask.long(),
-            row_seeds,
-            top_k=top_k,
-            draft_len=draft_len,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            teacher_temperature=teacher_temperature,
-            top_p=top_p,
-            teacher_top_p=teacher_top_p,
-            verify_on=verify_on,
-            eos=eos_tensor(eos_token_id, device),
-            pad=pad,
-            vocab=vocab,
-            cache_implementation=cache_implementation,
-            compile_step=compile_step,
+            student, teacher, input_ids, attention_mask.long(), row_seeds, spec,
+            eos=eos_tensor(eos_token_id, device), pad=pad, vocab=vocab,
         )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -224,32 +186,12 @@ def speculative_generate(
     )
 
 
-def _speculative_decode(
-    student,
-    teacher,
-    input_ids,
-    attention_mask,
-    row_seeds,
-    *,
-    top_k,
-    draft_len,
-    max_new_tokens,
-    temperature,
-    teacher_temperature,
-    top_p,
-    teacher_top_p,
-    verify_on,
-    eos,
-    pad,
-    vocab,
-    cache_implementation,
-    compile_step,
-):
+def _speculative_decode(student, teacher, input_ids, attention_mask, row_seeds, spec: SamplingSpec, *, eos, pad, vocab):
     """The batched ragged-acceptance loop (see the module docstring). Returns tokens (B, N), source (B, N) int8,
     completion_mask (B, N) bool and forward-pass counts."""
     bsz, prompt_len = input_ids.shape
     device = input_ids.device
-    d = draft_len
+    d, max_new_tokens, cache_implementation = spec.skd_draft_len, spec.max_new_tokens, spec.cache_implementation
     # worst case one emitted token per round, each round adds D cache columns
     width = prompt_len - 1 + max_new_tokens * d
     cache_len = width if cache_implementation == "dynamic" else -(-width // 64) * 64
@@ -266,8 +208,6 @@ def _speculative_decode(
         student_cache = new_cache(student, cache_implementation, cache_len)
         teacher_cache = new_cache(teacher, cache_implementation, cache_len)
     student_passes = teacher_passes = 0
-    student_step = compiled_forward(student) if compile_step else student
-    teacher_step = compiled_forward(teacher) if compile_step else teacher
     if prompt_len > 1:
         prefix_ids, prefix_pos = input_ids[:, :-1], position_ids_from_mask(attention_mask[:, :-1])
         forward_step(student, prefix_ids, mask, prefix_pos, student_cache, prompt_len - 1, last_only=True)
@@ -293,26 +233,26 @@ def _speculative_decode(
             if graphs is not None:
                 logits = graphs[0].step(student, feed, (pos + j)[:, None], mask)
             else:
-                logits = forward_step(student_step, feed[:, None], mask, (pos + j)[:, None], student_cache, col + j + 1)
+                logits = forward_step(student, feed[:, None], mask, (pos + j)[:, None], student_cache, col + j + 1)
             u = row_uniforms(row_seeds, n_out + j, STREAM_STUDENT)
-            feed = sample_from_logits(logits[:, -1, :vocab], u, temperature, top_p)
+            feed = sample_from_logits(logits[:, -1, :vocab], u, spec.temperature, spec.top_p)
             drafts[:, j] = feed
         student_passes += d
         block = torch.cat([last[:, None], drafts[:, :-1]], dim=1)
         if graphs is not None:
             teacher_logits = graphs[1].step(teacher, block, pos[:, None] + offsets, mask)
         else:
-            teacher_logits = forward_step(teacher_step, block, mask, pos[:, None] + offsets, teacher_cache, col + d)
+            teacher_logits = forward_step(teacher, block, mask, pos[:, None] + offsets, teacher_cache, col + d)
         teacher_passes += 1
         n_accept, replacement = verify_drafts(
             drafts,
             teacher_logits[..., :vocab],
             row_seeds,
             n_out,
-            top_k=top_k,
-            teacher_temperature=teacher_temperature,
-            teacher_top_p=teacher_top_p,
-            verify_on=verify_on,
+            top_k=spec.skd_top_k,
+            teacher_temperature=spec.teacher_temperature,
+            teacher_top_p=spec.teacher_top_p,
+            verify_on=spec.skd_verify_on,
         )
         n_emit = torch.where(n_accept < d, n_accept + 1, d)  # also the number of valid block columns
         emitted = torch.where(offsets == n_accept[:, None], replacement[:, None], drafts)
@@ -346,44 +286,43 @@ def reference_speculative_generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     row_seeds: torch.Tensor,
+    spec: SamplingSpec | None = None,
     *,
-    top_k: int = 25,
-    max_new_tokens: int = 128,
-    temperature: float = 1.0,
-    teacher_temperature: float = 1.0,
-    top_p: float = 1.0,
-    teacher_top_p: float = 1.0,
-    verify_on: str = "raw",
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     vocab_size: int | None = None,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The spec for `speculative_generate`, position by position: each row alone, full forward passes, no cache.
 
     At output position t: x ~ student (uniform (seed, t, STREAM_STUDENT)); keep x if it passes the teacher's top-K
     test, else emit the teacher's sample (uniform (seed, t, STREAM_TEACHER)). Returns tokens (B, N), source (B, N)
-    and completion_mask (B, N), like the batched path.
+    and completion_mask (B, N), like the batched path. `spec` and `options` as for `speculative_generate` (the law
+    does not depend on skd_draft_len or the cache).
     """
+    spec = speculative_spec(spec, options)
+    temperature, top_p = spec.temperature, spec.top_p
+    teacher_temperature, teacher_top_p = spec.teacher_temperature, spec.teacher_top_p
     vocab = shared_vocab_size(student, teacher, max_vocab_padding=1 << 30)
     vocab = vocab if vocab_size is None else min(vocab, vocab_size)
     eos = eos_tensor(eos_token_id, input_ids.device)
     bsz = input_ids.shape[0]
-    tokens = torch.full((bsz, max_new_tokens), pad_token_id, dtype=torch.long)
-    source = torch.full((bsz, max_new_tokens), SOURCE_TEACHER, dtype=torch.int8)
+    tokens = torch.full((bsz, spec.max_new_tokens), pad_token_id, dtype=torch.long)
+    source = torch.full((bsz, spec.max_new_tokens), SOURCE_TEACHER, dtype=torch.int8)
     for i in range(bsz):
         seq = input_ids[i][attention_mask[i].bool()].tolist()
         seed = row_seeds[i : i + 1].cpu()
-        for t in range(max_new_tokens):
+        for t in range(spec.max_new_tokens):
             s_logits = student(input_ids=torch.tensor([seq], device=model_device(student))).logits[0, -1, :vocab]
             t_logits = teacher(input_ids=torch.tensor([seq], device=model_device(teacher))).logits[0, -1, :vocab]
             x = sample_from_logits(s_logits[None].cpu(), row_uniforms(seed, t, STREAM_STUDENT), temperature, top_p)
             keep = topk_accept(
                 x,
                 t_logits[None].cpu(),
-                top_k=top_k,
+                top_k=spec.skd_top_k,
                 teacher_temperature=teacher_temperature,
                 teacher_top_p=teacher_top_p,
-                verify_on=verify_on,
+                verify_on=spec.skd_verify_on,
             )
             if bool(keep[0]):
                 tok, src = int(x[0]), SOURCE_STUDENT

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rlkd_onpolicy.sampling.generate import (
+from rlkd_onpolicy.sampling.hf import (
     check_prompt,
     eos_tensor,
     eval_mode,
@@ -32,8 +32,9 @@ from rlkd_onpolicy.sampling.generate import (
     position_ids_from_mask,
     resolve_pad,
 )
-from rlkd_onpolicy.sampling.rng import SEED_BITS, STREAM_STUDENT, draw_row_seeds, row_uniforms
+from rlkd_onpolicy.sampling.rng import SEED_BITS, STREAM_STUDENT, resolve_row_seeds, row_uniforms
 from rlkd_onpolicy.sampling.rollout import SOURCE_STUDENT, SOURCE_TEACHER, Rollout, assemble_rollout, first_eos_mask
+from rlkd_onpolicy.sampling.spec import SamplingSpec, SpecAttributes
 from rlkd_onpolicy.sampling.warping import sample_from_logits
 from rlkd_onpolicy.teacher.served import ServedTeacher, served_generate, served_speculative_round
 
@@ -48,38 +49,34 @@ def round_seeds(row_seeds: torch.Tensor, positions: torch.Tensor) -> list[int]:
     return [(s ^ (p * _ROUND_SEED_MIX)) & keep for s, p in zip(row_seeds.tolist(), positions.tolist(), strict=True)]
 
 
-class ServedRolloutSampler:
+class ServedRolloutSampler(SpecAttributes):
     """seq_kd or speculative rollouts with the teacher on a server; `rollout` as `RolloutSampler.rollout`.
 
-    `student` drafts (the trainer makes one sampler per rollout, with the unwrapped model); `vocab_size` cuts the
-    student's logits to the shared vocabulary. The other arguments mean what they mean for `RolloutSampler`.
+    `mode_or_spec` and the keyword `options` as for `RolloutSampler` (the spec's mode seq_kd or speculative; its
+    skd_verify_on must be "raw", the rank the server returns; cache_implementation and graph_sampling are not
+    used: the student drafts with a fresh cache per round). `student` drafts (the trainer makes one sampler per
+    rollout, with the unwrapped model); `vocab_size` cuts the student's logits to the shared vocabulary.
     """
 
     def __init__(
         self,
-        mode: str,
+        mode_or_spec: str | SamplingSpec,
         student: torch.nn.Module,
         teacher: ServedTeacher,
         *,
         vocab_size: int,
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        teacher_temperature: float = 1.0,
-        teacher_top_p: float = 1.0,
-        skd_top_k: int = 25,
-        skd_draft_len: int = 5,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        **options,
     ):
-        if mode not in SERVED_SAMPLING_MODES:
-            raise ValueError(f"ServedRolloutSampler samples {SERVED_SAMPLING_MODES}, not {mode!r}.")
-        self.mode, self.student, self.teacher = mode, student, teacher
+        spec = SamplingSpec.from_options(mode_or_spec, **options)
+        if spec.mode not in SERVED_SAMPLING_MODES:
+            raise ValueError(f"ServedRolloutSampler samples {SERVED_SAMPLING_MODES}, not {spec.mode!r}.")
+        if spec.mode == "speculative" and spec.skd_verify_on != "raw":
+            raise ValueError(f"SamplingSpec.skd_verify_on={spec.skd_verify_on!r} is invalid with a served teacher: "
+                             "its top-K test reads the rank the server returns (the raw distribution); use 'raw'.")
+        self.spec, self.student, self.teacher = spec, student, teacher
         self.vocab_size = vocab_size
-        self.max_new_tokens = max_new_tokens
-        self.temperature, self.top_p = temperature, top_p
-        self.teacher_temperature, self.teacher_top_p = teacher_temperature, teacher_top_p
-        self.skd_top_k, self.skd_draft_len = skd_top_k, skd_draft_len
         # as RolloutSampler: a tokenizer without a pad token pads with EOS
         self.eos_token_id, self.pad_token_id = eos_token_id, resolve_pad(pad_token_id, eos_token_id)
 
@@ -95,8 +92,7 @@ class ServedRolloutSampler:
         """One batch; dataset completions are ignored (both modes generate). Row seeds come from `generator` as in
         `RolloutSampler.rollout`."""
         check_prompt(prompt_ids, prompt_mask)
-        if row_seeds is None:
-            row_seeds = draw_row_seeds(prompt_ids.shape[0], generator, prompt_ids.device)
+        row_seeds = resolve_row_seeds(row_seeds, prompt_ids.shape[0], generator, prompt_ids.device)
         if self.mode == "seq_kd":
             return served_generate(
                 self.teacher, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens,

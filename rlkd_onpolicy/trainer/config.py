@@ -6,7 +6,6 @@ A field that TRL's `GKDConfig` also has means what it means there (`temperature`
 "Coming from TRL", maps every GKDConfig / DistillationConfig field.
 """
 
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -14,14 +13,19 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from rlkd_onpolicy._fields import InvalidField
 from rlkd_onpolicy.losses.divergences import LOSSES, MISSING_MASS
 from rlkd_onpolicy.losses.ranking import UNIONS
+from rlkd_onpolicy.losses.spec import LossSpec
+from rlkd_onpolicy.sampling.spec import CACHE_IMPLEMENTATIONS, SAMPLING_MODES, VERIFY_ON, SamplingSpec
 
-SAMPLING_MODES = ("off_policy", "seq_kd", "on_policy", "mixed", "speculative")
-VERIFY_ON = ("raw", "warped")
-GENERATION_CACHES = ("auto", "cuda_graph", "static", "dynamic")
+GENERATION_CACHES = ("auto", *CACHE_IMPLEMENTATIONS)
 LOSS_BACKENDS = ("auto", "logits", "fused")
 NONFINITE_POLICIES = ("error", "skip")
+# The spec fields whose RLKDConfig field has another name (the others have the same one).
+_LOSS_SPEC_FIELDS = {"temperature": "loss_temperature", "regularization_strength": "rank_regularization_strength"}
+_SAMPLING_SPEC_FIELDS = {"mode": "sampling_mode", "teacher_temperature": "teacher_sampling_temperature",
+                         "cache_implementation": "generation_cache"}
 
 
 @dataclass
@@ -296,10 +300,8 @@ class RLKDConfig(TrainingArguments):
 
     def _check(self) -> None:
         fail = self._fail
-        if self.rank_union not in UNIONS:
-            fail("rank_union", self.rank_union, f"use one of {UNIONS}.")
-        if self.missing_mass not in MISSING_MASS:
-            fail("missing_mass", self.missing_mass, f"use one of {MISSING_MASS}.")
+        # the loss's and the sampling's ranges are their specs' (each error renamed to this config's field)
+        self._check_spec(self.loss_spec, _LOSS_SPEC_FIELDS)
         if self.loss_backend not in LOSS_BACKENDS:
             fail("loss_backend", self.loss_backend, f"use one of {LOSS_BACKENDS}.")
         if self.loss_backend == "fused" and self.teacher_top_k is None and self.teacher_cache is None:
@@ -310,36 +312,16 @@ class RLKDConfig(TrainingArguments):
                  "loss_backend='logits' for it.")
         if self.generation_cache not in GENERATION_CACHES:
             fail("generation_cache", self.generation_cache, f"use one of {GENERATION_CACHES}.")
-        if self.skd_verify_on not in VERIFY_ON:
-            fail("skd_verify_on", self.skd_verify_on, f"use one of {VERIFY_ON}.")
+        # "auto" is resolved with the models (the trainer's resolve_generation_cache); any value checks the rest
+        cache = None if self.generation_cache != "auto" else "dynamic"
+        self._check_spec(lambda: self.sampling_spec(self.sampling_mode, cache), _SAMPLING_SPEC_FIELDS)
         if self.nonfinite_policy not in NONFINITE_POLICIES:
             fail("nonfinite_policy", self.nonfinite_policy, f"use one of {NONFINITE_POLICIES}.")
         if self.nonfinite_policy == "skip" and self.deepspeed:
             fail("nonfinite_policy", self.nonfinite_policy, "DeepSpeed applies the optimizer step inside backward, "
                  "so a step cannot be skipped after the fact: use 'error' with DeepSpeed.")
-        # Every float must be finite: NaN slips through range tests written as `x < 0`, and inf ones like `x > 0`
-        # (rank_regularization_strength=inf makes the ranking loss 0, rank_weight=nan stops at step 1).
-        for name in ("beta", "skew_alpha", "temperature", "top_p", "teacher_sampling_temperature",
-                     "loss_temperature", "rank_weight", "rank_regularization_strength"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                fail(name, value, "it must be a finite number.")
-        for name in ("beta", "skew_alpha"):
-            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
-                fail(name, getattr(self, name), "it must be in [0, 1].")
-        for name in ("loss_temperature", "rank_regularization_strength"):
-            if not getattr(self, name) > 0:
-                fail(name, getattr(self, name), "it must be > 0.")
-        for name in ("temperature", "teacher_sampling_temperature"):
-            if getattr(self, name) is not None and not getattr(self, name) >= 0:
-                fail(name, getattr(self, name), "it must be ≥ 0 (0 = argmax).")
-        if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", self.top_p, "it must be in (0, 1].")
-        if self.rank_weight < 0:
-            fail("rank_weight", self.rank_weight, "it must be ≥ 0 (0 turns the ranking loss off).")
-        for name in ("max_new_tokens", "skd_top_k", "skd_draft_len", "rank_k", "nonfinite_max_consecutive_skips"):
-            if getattr(self, name) < 1:
-                fail(name, getattr(self, name), "it must be ≥ 1.")
+        if self.nonfinite_max_consecutive_skips < 1:
+            fail("nonfinite_max_consecutive_skips", self.nonfinite_max_consecutive_skips, "it must be ≥ 1.")
         for name in ("max_length", "max_prompt_length", "teacher_top_k"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -364,6 +346,52 @@ class RLKDConfig(TrainingArguments):
             fail("metric_ks", self.metric_ks, f"metric_ks={self.metric_ks} exceeds teacher_top_k={self.teacher_top_k}: "
                  "a sparse teacher has only its top-K ids to compare; use k ≤ teacher_top_k.")
 
+    def _check_spec(self, build, names: dict[str, str]) -> None:
+        """Build a spec, naming this config's field (`names`: spec field → config field) in its range errors."""
+        try:
+            build()
+        except InvalidField as error:
+            name = names.get(error.field, error.field)
+            self._fail(name, getattr(self, name), error.rule)
+
+    def loss_spec(self) -> LossSpec:
+        """The objective of these fields, for `distillation_loss` and `fused_topk_loss` (the kernel chosen "auto")."""
+        return LossSpec(
+            loss=self.loss,
+            beta=0.5 if self.beta is None else self.beta,  # None unless loss="jsd", the only loss that reads it
+            skew_alpha=self.skew_alpha,
+            temperature=self.loss_temperature,
+            missing_mass=self.missing_mass,
+            rank_weight=self.rank_weight,
+            rank_k=self.rank_k,
+            rank_union=self.rank_union,
+            regularization_strength=self.rank_regularization_strength,
+            rank_dynamic_weighting=self.rank_dynamic_weighting,
+        )
+
+    def sampling_spec(self, mode: str, cache_implementation: str | None = None) -> SamplingSpec:
+        """The rollouts of these fields in `mode` (sampling_mode, or off_policy where a teacher cache stands for the
+        teacher). `cache_implementation`: generation_cache resolved for the models (the trainer resolves "auto");
+        None = generation_cache, which then must not be "auto"."""
+        if cache_implementation is None:
+            if self.generation_cache == "auto":
+                raise ValueError("RLKDConfig.generation_cache='auto' is resolved with the models: pass the resolved "
+                                 "cache_implementation to sampling_spec (see resolve_generation_cache).")
+            cache_implementation = self.generation_cache
+        teacher_temperature = self.teacher_sampling_temperature
+        return SamplingSpec(
+            mode=mode,
+            lmbda=0.5 if self.lmbda is None else self.lmbda,  # None outside mixed, the only mode that reads it
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            # TRL samples the teacher with the student's generation config
+            teacher_temperature=self.temperature if teacher_temperature is None else teacher_temperature,
+            skd_top_k=self.skd_top_k,
+            skd_draft_len=self.skd_draft_len,
+            skd_verify_on=self.skd_verify_on,
+            cache_implementation=cache_implementation,
+        )
 
     def teacher_server_options(self):
         """The `ServerOptions` of the teacher_server_* fields."""
