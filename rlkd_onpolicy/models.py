@@ -189,11 +189,3 @@ def load_model_and_tokenizer(name_or_path: str, **kwargs) -> tuple[torch.nn.Modu
     _fix_special_tokens(model, tokenizer)
     return model.eval(), tokenizer
 
-
-def __getattr__(name: str):
-    # check_own_forward is one of the trainer's guards now (rlkd_onpolicy/trainer/guards.py); still importable here.
-    if name == "check_own_forward":
-        from rlkd_onpolicy.trainer.guards import check_own_forward
-
-        return check_own_forward
-    raise AttributeError(f"module 'rlkd_onpolicy.models' has no attribute {name!r}")

@@ -8,9 +8,7 @@ import rlkd_onpolicy
 
 ROOT = Path(rlkd_onpolicy.__file__).parent
 TOP = ("rlkd_onpolicy.train", "rlkd_onpolicy.trainer")
-# the one alias below the trainer: check_own_forward moved to trainer/guards.py and stays importable from models.py
-# (tests/trainer/test_copied_patched_forward.py imports it there); drop it here with the alias.
-ALIASES = {("rlkd_onpolicy.models", "rlkd_onpolicy.trainer.guards")}
+ALIASES: set[tuple[str, str]] = set()  # (module, module above it it may import): none
 
 
 def _imports(path: Path, module: str, is_package: bool):

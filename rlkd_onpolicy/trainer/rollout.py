@@ -7,6 +7,7 @@ from accelerate.utils import DistributedType
 from rlkd_onpolicy.sampling import Rollout, RolloutSampler
 from rlkd_onpolicy.sampling.generate import model_device
 from rlkd_onpolicy.sampling.graphs import graphable
+from rlkd_onpolicy.sampling.spec import SamplingSpec
 from rlkd_onpolicy.teacher.served import ServedTeacher
 from rlkd_onpolicy.teacher.served_sampling import SERVED_SAMPLING_MODES, ServedRolloutSampler
 from rlkd_onpolicy.trainer.config import RLKDConfig
@@ -35,37 +36,22 @@ def resolve_generation_cache(setting: str, mode: str, student, teacher, distribu
 
 
 def build_sampler(
-    args: RLKDConfig,
-    mode: str,
+    spec: SamplingSpec,
     student: torch.nn.Module,
     teacher: torch.nn.Module | None,
     *,
     served_teacher: ServedTeacher | None,
     vocab_size: int,
-    cache_implementation: str,
     eos_token_id: int | None,
     pad_token_id: int | None,
 ) -> RolloutSampler | ServedRolloutSampler:
-    """The sampler of `mode` for these models: a `ServedRolloutSampler` where a served teacher takes part in
+    """The sampler of `spec` for these models: a `ServedRolloutSampler` where a served teacher takes part in
     sampling, else a `RolloutSampler` (`teacher` the local teacher module, or None)."""
-    teacher_temperature = (
-        args.temperature if args.teacher_sampling_temperature is None else args.teacher_sampling_temperature
-    )
-    if served_teacher is not None and mode in SERVED_SAMPLING_MODES:
-        return ServedRolloutSampler(
-            mode, student, served_teacher, vocab_size=vocab_size, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, teacher_temperature=teacher_temperature,
-            skd_top_k=args.skd_top_k, skd_draft_len=args.skd_draft_len, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-        )  # fmt: skip
-    return RolloutSampler(
-        mode, student, teacher, cache_implementation=cache_implementation,
-        lmbda=args.lmbda if args.lmbda is not None else 0.5,  # read in mixed mode only, where it is set
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        teacher_temperature=teacher_temperature, vocab_size=vocab_size, skd_top_k=args.skd_top_k,
-        skd_draft_len=args.skd_draft_len, verify_on=args.skd_verify_on, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )  # fmt: skip
+    if served_teacher is not None and spec.mode in SERVED_SAMPLING_MODES:
+        return ServedRolloutSampler(spec, student, served_teacher, vocab_size=vocab_size, eos_token_id=eos_token_id,
+                                    pad_token_id=pad_token_id)  # fmt: skip
+    return RolloutSampler(spec, student, teacher, vocab_size=vocab_size, eos_token_id=eos_token_id,
+                          pad_token_id=pad_token_id)  # fmt: skip
 
 
 class Rollouts:
@@ -75,18 +61,16 @@ class Rollouts:
 
     def __init__(self, args: RLKDConfig, mode: str, *, served_teacher: ServedTeacher | None, vocab_size: int,
                  cache_implementation: str, eos_token_id: int | None, pad_token_id: int | None):  # fmt: skip
-        self.args, self.mode, self.served_teacher = args, mode, served_teacher
-        self.vocab_size, self.cache_implementation = vocab_size, cache_implementation
+        self.spec = args.sampling_spec(mode, cache_implementation)  # validated once, shared by every rollout
+        self.mode, self.served_teacher, self.vocab_size = mode, served_teacher, vocab_size
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
 
     def sampler(
         self, student: torch.nn.Module, teacher: torch.nn.Module | None
     ) -> RolloutSampler | ServedRolloutSampler:
-        return build_sampler(
-            self.args, self.mode, student, teacher, served_teacher=self.served_teacher, vocab_size=self.vocab_size,
-            cache_implementation=self.cache_implementation, eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-        )  # fmt: skip
+        return build_sampler(self.spec, student, teacher, served_teacher=self.served_teacher,
+                             vocab_size=self.vocab_size, eos_token_id=self.eos_token_id,
+                             pad_token_id=self.pad_token_id)  # fmt: skip
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], student, teacher, accelerator, generator) -> Rollout:

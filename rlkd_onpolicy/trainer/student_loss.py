@@ -7,7 +7,6 @@ signal, on one of two paths (`loss_backend`, resolved once by `resolve_loss_back
 """
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -35,14 +34,6 @@ def resolve_loss_backend(args: RLKDConfig, cached_teacher: bool, accelerator) ->
     return args.loss_backend
 
 
-def loss_options(args: RLKDConfig) -> dict[str, Any]:
-    """The objective's settings, shared by both loss paths."""
-    beta = 0.5 if args.beta is None else args.beta  # None unless loss="jsd", where the loss reads it
-    return dict(loss=args.loss, beta=beta, skew_alpha=args.skew_alpha, temperature=args.loss_temperature,
-                missing_mass=args.missing_mass, rank_weight=args.rank_weight, rank_k=args.rank_k,
-                rank_union=args.rank_union, regularization_strength=args.rank_regularization_strength)  # fmt: skip
-
-
 def output_layer(head_model: torch.nn.Module, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The student's output projection (V, H) cut to the shared vocabulary, and its bias."""
     head = head_model.get_output_embeddings()
@@ -66,6 +57,7 @@ class StudentLoss:
 
     def __init__(self, args: RLKDConfig, backend: str, vocab_size: int):
         self.args, self.backend, self.vocab_size = args, backend, vocab_size
+        self.spec = args.loss_spec()  # the objective, validated once, shared by both paths
         self._head_checked = False  # the fused-head check runs on the first fused forward
 
     def forward(self, model, head_model, rollout: Rollout) -> StudentOutputs:
@@ -92,8 +84,7 @@ class StudentLoss:
             return distillation_loss(
                 student.logits,
                 **teacher.loss_inputs(),
-                **loss_options(self.args),
-                rank_dynamic_weighting=self.args.rank_dynamic_weighting,
+                spec=self.spec,
                 mask=student.mask,
                 reduction="sum",
                 rank_stats=rank_stats,
@@ -107,7 +98,7 @@ class StudentLoss:
             student.mask,
             lm_head_bias=bias,
             teacher_tail_logprob=teacher.tail_logprob,
-            **loss_options(self.args),
+            spec=self.spec,
             reduction="sum",
             return_parts=True,
         )

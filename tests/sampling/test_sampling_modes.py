@@ -173,7 +173,6 @@ def test_models_keep_their_training_mode(models):
         ("speculative", dict(skd_draft_len=0), "draft_len"),
         ("speculative", dict(verify_on="both"), "verify_on"),
         ("on_policy", dict(top_p=1.5), "top_p"),
-        ("on_policy", dict(compile_step=True), "compile_step"),  # CUDA + static cache only
         ("on_policy", dict(cache_implementation="paged"), "cache_implementation"),
         ("on_policy", dict(graph_sampling=True), "graph_sampling=True needs cache_implementation"),
     ],

@@ -9,7 +9,7 @@ from tiny_models import tiny_llama, tiny_pairs, tiny_tokenizer
 from trl.trainer.utils import add_fused_lm_head
 
 from rlkd_onpolicy import RLKDConfig, RLKDTrainer
-from rlkd_onpolicy.models import check_own_forward
+from rlkd_onpolicy.trainer.guards import check_own_forward
 
 
 def _patched_copy():
