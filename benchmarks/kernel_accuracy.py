@@ -23,7 +23,7 @@ from rlkd_onpolicy.losses import teacher_topk  # noqa: E402
 def run(hidden, weight, top, backend, loss):
     hidden, weight = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     value = fused_topk_loss(hidden, weight, top.ids, top.logprobs, teacher_tail_logprob=top.tail_logprob,
-                            backend=backend, loss=loss)  # fmt: skip
+                            backend=backend, loss=loss, rank_weight=0.0)  # fmt: skip
     (value * 0.7).backward()
     return [value.detach().double(), hidden.grad.double(), weight.grad.double()]
 

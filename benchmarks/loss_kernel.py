@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         def run():
             clear()
             fused_topk_loss(hidden, weight, top.ids, top.logprobs, teacher_tail_logprob=top.tail_logprob,
-                            chunk_size=args.chunk_size, backend=backend).backward()
+                            rank_weight=0.0, chunk_size=args.chunk_size, backend=backend).backward()
 
         return run
 

@@ -137,8 +137,8 @@ def fused_topk_loss(
         teacher_topk_logprobs: (..., K) teacher log-probs over the full vocabulary at the loss temperature.
         mask: (...) bool, True where a token counts; masked rows never enter the computation.
         spec: the objective (`LossSpec`; its `backend` picks the kernel: "auto" | "torch" | "triton"; no
-            rank_dynamic_weighting here). Or, without it, LossSpec's fields as keyword `options`, with one
-            difference kept for direct callers: rank_weight defaults to 0 here (the ranking term off).
+            rank_dynamic_weighting here). Or, without it, LossSpec's fields as keyword `options`, the others at
+            LossSpec's defaults (rank_weight 2.0, as everywhere: pass rank_weight=0.0 for the KD term alone).
         teacher_tail_logprob: (...) log of the teacher mass outside its K ids; default log(1 − Σ exp(logprobs)).
         reduction: "mean" | "sum" | "none" (shape (...), 0 at masked tokens) | "sum_count" ((sum, count)).
         chunk_size: tokens per chunk of logits (memory ~ chunk_size × V).
@@ -149,8 +149,6 @@ def fused_topk_loss(
         >>> t = torch.randn(6, 100).log_softmax(-1).topk(8)
         >>> fused_topk_loss(h, w, t.indices, t.values, spec=LossSpec(loss="jsd", rank_weight=0.0)).backward()
     """
-    if spec is None:
-        options.setdefault("rank_weight", 0.0)
     spec = LossSpec.from_options(spec, **options)
     _check_inputs(student_hidden, lm_head_weight, lm_head_bias, teacher_topk_ids, teacher_topk_logprobs,
                   teacher_tail_logprob, mask, spec, chunk_size, reduction)

@@ -34,7 +34,7 @@ def make_inputs(n, h, v, k, dtype=torch.float64, seed=0, device="cpu", masked=Tr
 def loss_and_grads(hidden, weight, bias, ids, logprobs, mask, grad_output=0.7, **kwargs):
     hidden, weight = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     bias = None if bias is None else bias.detach().clone().requires_grad_()
-    loss = fused_topk_loss(hidden, weight, ids, logprobs, mask, lm_head_bias=bias, **kwargs)
+    loss = fused_topk_loss(hidden, weight, ids, logprobs, mask, lm_head_bias=bias, **({"rank_weight": 0.0} | kwargs))
     (loss * grad_output).sum().backward()
     grads = [hidden.grad, weight.grad] + ([] if bias is None else [bias.grad])
     return [loss.detach()] + grads
@@ -61,7 +61,7 @@ def test_reference_equals_dense_losses_when_k_is_v(loss, missing_mass):
     teacher_logits = torch.randn(13, 17, dtype=torch.float64)
     top = torch.log_softmax(teacher_logits / 1.5, -1).topk(17)
     fused = fused_topk_loss(hidden, weight, top.indices, top.values, mask, lm_head_bias=bias, loss=loss,
-                            missing_mass=missing_mass, temperature=1.5, chunk_size=4, backend="torch")
+                            missing_mass=missing_mass, temperature=1.5, rank_weight=0.0, chunk_size=4, backend="torch")
     student_logits = hidden @ weight.T + bias
     dense = dense_divergence(student_logits, teacher_logits, loss, temperature=1.5, mask=mask)
     torch.testing.assert_close(fused, dense, rtol=1e-10, atol=1e-12)
@@ -113,7 +113,7 @@ def test_reference_gradcheck(kwargs):
 
     def fn(hidden, weight, bias):
         return fused_topk_loss(hidden, weight, ids, logprobs, lm_head_bias=bias, chunk_size=4, backend="torch",
-                               reduction="sum", **kwargs)
+                               reduction="sum", **({"rank_weight": 0.0} | kwargs))
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
@@ -125,7 +125,7 @@ def test_reference_saves_no_logits():
     weight.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        loss = fused_topk_loss(hidden, weight, ids, logprobs, mask, chunk_size=8, backend="torch")
+        loss = fused_topk_loss(hidden, weight, ids, logprobs, mask, rank_weight=0.0, chunk_size=8, backend="torch")
     loss.backward()
     # Only inputs (hidden rows, W, teacher rows) are saved; one chunk of logits would be 8 * 300 = 2,400 elements.
     assert sum(n for n in saved if n != weight.numel()) < 8 * 300
@@ -176,7 +176,7 @@ def test_ranking_with_extreme_teacher_logits_is_finite(backend, extreme):
 
 def test_bad_inputs_fail_before_any_work():
     hidden, weight, _, ids, logprobs, mask, _ = make_inputs(5, 4, 20, 3)
-    good = {"teacher_topk_ids": ids.clamp_min(0), "teacher_topk_logprobs": logprobs}
+    good = {"teacher_topk_ids": ids.clamp_min(0), "teacher_topk_logprobs": logprobs, "rank_weight": 0.0}
     cases = [
         ({"loss": "kl"}, "loss='kl'"),
         ({"missing_mass": "zero"}, "missing_mass='zero'"),
