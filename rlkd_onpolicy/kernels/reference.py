@@ -30,7 +30,7 @@ def _chunk_rows(hidden, weight, bias, ids, logprobs, tail, spec: LossSpec):
     if spec.rank_weight == 0.0:
         return kd, torch.zeros_like(kd)
     rank = sparse_ranking_loss(
-        logits, ids, logprobs, teacher_tail_logprob=tail, k=spec.rank_k, union=spec.rank_union,
+        logits, ids, logprobs, teacher_tail_logprob=tail, rank_k=spec.rank_k, rank_union=spec.rank_union,
         regularization_strength=spec.regularization_strength, temperature=spec.temperature, reduction="none",
     )
     return kd, rank

@@ -83,12 +83,12 @@ def distillation_loss(
         if sparse:
             rank = sparse_ranking_loss(
                 student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob=teacher_tail_logprob,
-                k=rank_k, union=spec.rank_union, regularization_strength=spec.regularization_strength,
+                rank_k=rank_k, rank_union=spec.rank_union, regularization_strength=spec.regularization_strength,
                 temperature=temperature, mask=mask, reduction="none", stats=rank_stats,
             )
         else:
             rank = ranking_loss(
-                student_logits, teacher_logits, k=rank_k, union=spec.rank_union,
+                student_logits, teacher_logits, rank_k=rank_k, rank_union=spec.rank_union,
                 regularization_strength=spec.regularization_strength, temperature=temperature, mask=mask,
                 reduction="none", stats=rank_stats,
             )

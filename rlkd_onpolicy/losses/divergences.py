@@ -234,21 +234,23 @@ def total_variation(student_logits, teacher_logits, temperature=1.0, mask=None, 
                             reduction=reduction)
 
 
-def skew_kl(student_logits, teacher_logits, alpha=0.1, temperature=1.0, mask=None, reduction="mean") -> Reduced:
+def skew_kl(student_logits, teacher_logits, skew_alpha=0.1, temperature=1.0, mask=None, reduction="mean") -> Reduced:
     """Skew KL of DistiLLM (Ko et al. 2024): KL(p ‖ αp + (1−α)q), p the teacher, q the student; α = 0 is forward KL.
 
-        >>> skew_kl(torch.randn(4, 50), torch.randn(4, 50), alpha=0.1)
+        >>> skew_kl(torch.randn(4, 50), torch.randn(4, 50), skew_alpha=0.1)
     """
-    return dense_divergence(student_logits, teacher_logits, "skl", skew_alpha=alpha, temperature=temperature,
+    return dense_divergence(student_logits, teacher_logits, "skl", skew_alpha=skew_alpha, temperature=temperature,
                             mask=mask, reduction=reduction)
 
 
-def skew_reverse_kl(student_logits, teacher_logits, alpha=0.1, temperature=1.0, mask=None, reduction="mean") -> Reduced:
+def skew_reverse_kl(
+    student_logits, teacher_logits, skew_alpha=0.1, temperature=1.0, mask=None, reduction="mean"
+) -> Reduced:
     """Skew reverse KL of DistiLLM: KL(q ‖ (1−α)p + αq), q the student, p the teacher; α = 0 is reverse KL.
 
-        >>> skew_reverse_kl(torch.randn(4, 50), torch.randn(4, 50), alpha=0.1)
+        >>> skew_reverse_kl(torch.randn(4, 50), torch.randn(4, 50), skew_alpha=0.1)
     """
-    return dense_divergence(student_logits, teacher_logits, "srkl", skew_alpha=alpha, temperature=temperature,
+    return dense_divergence(student_logits, teacher_logits, "srkl", skew_alpha=skew_alpha, temperature=temperature,
                             mask=mask, reduction=reduction)
 
 

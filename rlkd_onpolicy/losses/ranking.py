@@ -181,8 +181,8 @@ def _check_rank_options(k: int, vocab: int, union: str, regularization_strength:
 def ranking_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    k: int = 5,
-    union: str = "exact",
+    rank_k: int = 5,
+    rank_union: str = "exact",
     regularization_strength: float = 1.0,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
@@ -194,22 +194,23 @@ def ranking_loss(
     Args:
         student_logits: (..., V) student logits; its soft ranks carry the gradient.
         teacher_logits: (..., V) teacher logits; its soft ranks are constants.
-        k: how many top tokens of each model enter the candidate set (5 with a KD loss, 10–15 alone).
-        union: "exact" (per-row union, duplicates removed) or "concat" (teacher then student top-k, duplicates kept).
+        rank_k: how many top tokens of each model enter the candidate set (5 with a KD loss, 10–15 alone).
+        rank_union: "exact" (per-row union, duplicates removed) or "concat" (teacher then student top-k, duplicates
+            kept).
         regularization_strength: ε of the soft rank; values are logits / temperature.
         mask, reduction: as in the divergences. A row with constant ranks (undefined correlation) contributes 0.
         stats: a dict that gains counts of the counted rows, of those whose soft ranks are hard (no gradient) and
             of those with an undefined correlation ("rows", "hard_rows", "undefined_rows"), summed over calls.
 
     Example:
-        >>> ranking_loss(torch.randn(2, 5, 100), torch.randn(2, 5, 100), k=5)
+        >>> ranking_loss(torch.randn(2, 5, 100), torch.randn(2, 5, 100), rank_k=5)
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have "
             "the same shape (..., V); vocabulary sizes that differ by padding rows must be cut to the tokenizer's."
         )
-    _check_rank_options(k, student_logits.shape[-1], union, regularization_strength, temperature)
+    _check_rank_options(rank_k, student_logits.shape[-1], rank_union, regularization_strength, temperature)
     check_mask(mask, student_logits.shape[:-1])
 
     def per_token(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -219,9 +220,9 @@ def ranking_loss(
         return _rank_rows(
             student,
             lambda rows, ids: teacher[rows].gather(-1, ids),
-            teacher.topk(k, dim=-1).indices,
-            student.detach().topk(k, dim=-1).indices,
-            union,
+            teacher.topk(rank_k, dim=-1).indices,
+            student.detach().topk(rank_k, dim=-1).indices,
+            rank_union,
             regularization_strength,
             stats,
         )
@@ -247,8 +248,8 @@ def sparse_ranking_loss(
     teacher_topk_logprobs: torch.Tensor,
     *,
     teacher_tail_logprob: torch.Tensor | None = None,
-    k: int = 5,
-    union: str = "exact",
+    rank_k: int = 5,
+    rank_union: str = "exact",
     regularization_strength: float = 1.0,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
@@ -265,9 +266,9 @@ def sparse_ranking_loss(
     """
     check_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob, mask)
     vocab, cached = student_logits.shape[-1], teacher_topk_ids.shape[-1]
-    _check_rank_options(k, vocab, union, regularization_strength, temperature)
-    if k > cached:
-        raise ValueError(f"rank k={k} exceeds the teacher's cached top-K={cached}; use k ≤ K or a larger cache.")
+    _check_rank_options(rank_k, vocab, rank_union, regularization_strength, temperature)
+    if rank_k > cached:
+        raise ValueError(f"rank k={rank_k} exceeds the teacher's cached top-K={cached}; use k ≤ K or a larger cache.")
     tensors = (student_logits, teacher_topk_ids, teacher_topk_logprobs)
     if teacher_tail_logprob is not None:
         tensors = tensors + (teacher_tail_logprob,)
@@ -279,13 +280,13 @@ def sparse_ranking_loss(
         if tail is None:
             tail = log1mexp(torch.logsumexp(logprobs, dim=-1))
         fill = tail.to(dtype) - torch.log(torch.tensor(float(max(vocab - cached, 1)), dtype=dtype))
-        best = logprobs.topk(k, dim=-1).indices
+        best = logprobs.topk(rank_k, dim=-1).indices
         return _rank_rows(
             student,
             lambda rows, cand: sparse_teacher_values(cand, ids[rows], logprobs[rows], fill[rows]),
             ids.gather(-1, best).long(),
-            student.detach().topk(k, dim=-1).indices,
-            union,
+            student.detach().topk(rank_k, dim=-1).indices,
+            rank_union,
             regularization_strength,
             stats,
         )

@@ -75,7 +75,7 @@ def test_reference_ranking_equals_dense_when_k_is_v(union):
     top = torch.log_softmax(teacher_logits, -1).topk(17)
     _, parts = fused_topk_loss(hidden, weight, top.indices, top.values, mask, rank_weight=2.0, rank_k=3,
                                rank_union=union, chunk_size=5, backend="torch", return_parts=True)
-    dense = ranking_loss(hidden @ weight.T, teacher_logits, k=3, union=union, mask=mask)
+    dense = ranking_loss(hidden @ weight.T, teacher_logits, rank_k=3, rank_union=union, mask=mask)
     torch.testing.assert_close(parts["rank"], dense, rtol=1e-10, atol=1e-12)
 
 
@@ -89,7 +89,7 @@ def test_reference_equals_unchunked_library(reduction):
     logits = hidden.nan_to_num() @ weight.T + bias
     safe_ids = ids.clamp_min(0)  # the library validates masked rows too; their values do not matter
     kd = sparse_divergence(logits, safe_ids, logprobs, **kwargs)
-    rank = sparse_ranking_loss(logits, safe_ids, logprobs, k=2, temperature=0.8, mask=mask, reduction=reduction)
+    rank = sparse_ranking_loss(logits, safe_ids, logprobs, rank_k=2, temperature=0.8, mask=mask, reduction=reduction)
     if reduction == "sum_count":
         assert int(fused[1]) == int(mask.sum()) == int(kd[1])
         fused, kd, rank, parts = fused[0], kd[0], rank[0], {name: value[0] for name, value in parts.items()}

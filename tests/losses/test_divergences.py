@@ -52,8 +52,8 @@ def test_named_functions_are_the_dense_divergences():
         (reverse_kl(s, t), "rkl", {}),
         (generalized_jsd(s, t, beta=0.3), "jsd", {"beta": 0.3}),
         (total_variation(s, t), "tvd", {}),
-        (skew_kl(s, t, alpha=0.2), "skl", {"alpha": 0.2}),
-        (skew_reverse_kl(s, t, alpha=0.2), "srkl", {"alpha": 0.2}),
+        (skew_kl(s, t, skew_alpha=0.2), "skl", {"alpha": 0.2}),
+        (skew_reverse_kl(s, t, skew_alpha=0.2), "srkl", {"alpha": 0.2}),
     ]
     for got, loss, kw in pairs:
         ref = torch.tensor(dense_per_token(s, t, loss, **kw), dtype=torch.float64).mean()
@@ -64,9 +64,9 @@ def test_jsd_endpoints_are_exactly_the_kls():
     s, t = _logits(3, 11, seed=6), _logits(3, 11, seed=7)
     assert torch.equal(generalized_jsd(s, t, beta=0.0), forward_kl(s, t))
     assert torch.equal(generalized_jsd(s, t, beta=1.0), reverse_kl(s, t))
-    torch.testing.assert_close(skew_kl(s, t, alpha=0.0), forward_kl(s, t))
-    torch.testing.assert_close(skew_reverse_kl(s, t, alpha=0.0), reverse_kl(s, t))
-    assert skew_kl(s, t, alpha=1.0).abs() < 1e-12  # KL(p‖p)
+    torch.testing.assert_close(skew_kl(s, t, skew_alpha=0.0), forward_kl(s, t))
+    torch.testing.assert_close(skew_reverse_kl(s, t, skew_alpha=0.0), reverse_kl(s, t))
+    assert skew_kl(s, t, skew_alpha=1.0).abs() < 1e-12  # KL(p‖p)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 1.0])  # both special-cased ends and two interior mixtures

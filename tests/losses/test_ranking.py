@@ -81,7 +81,7 @@ def test_ranking_loss_matches_reference(union, k, temperature):
     s, t = _values(3, 4, 30, seed=5), _values(3, 4, 30, seed=6)
     s[0, 0] = t[0, 0] * 0.9 + 0.1  # one student close to the teacher: overlapping top-k, small loss
     mask = torch.rand(3, 4, generator=torch.Generator().manual_seed(7)) > 0.3
-    got = ranking_loss(s, t, k=k, union=union, temperature=temperature, mask=mask, reduction="none")
+    got = ranking_loss(s, t, rank_k=k, rank_union=union, temperature=temperature, mask=mask, reduction="none")
     ref = rank_loss_per_token((s / temperature).reshape(-1, 30), (t / temperature).reshape(-1, 30), k, union)
     ref = torch.tensor(ref, dtype=torch.float64).reshape(3, 4) * mask
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
@@ -96,8 +96,8 @@ def test_ranking_loss_orders():
 def test_ranking_loss_gradcheck_and_teacher_gets_no_gradient():
     s = _values(5, 12, seed=9).requires_grad_()
     t = _values(5, 12, seed=10).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: ranking_loss(x, t.detach(), k=3), (s,), eps=1e-7, atol=1e-6)
-    ranking_loss(s, t, k=3).backward()
+    assert torch.autograd.gradcheck(lambda x: ranking_loss(x, t.detach(), rank_k=3), (s,), eps=1e-7, atol=1e-6)
+    ranking_loss(s, t, rank_k=3).backward()
     assert t.grad is None or torch.all(t.grad == 0)
     assert s.grad.abs().sum() > 0
 
@@ -105,7 +105,7 @@ def test_ranking_loss_gradcheck_and_teacher_gets_no_gradient():
 def test_constant_ranks_contribute_zero_not_nan():
     s = torch.zeros(3, 10, dtype=torch.float64, requires_grad=True)  # constant values: constant soft ranks
     t = _values(3, 10, seed=11)
-    loss = ranking_loss(s, t, k=4, reduction="none")
+    loss = ranking_loss(s, t, rank_k=4, reduction="none")
     assert torch.all(loss == 0)
     loss.sum().backward()
     assert torch.isfinite(s.grad).all()
@@ -124,9 +124,9 @@ def test_fully_masked_ranking_loss():
 def test_sparse_ranking_with_k_equal_v_is_dense(union):
     s, t = _values(6, 15, seed=14).requires_grad_(), _values(6, 15, seed=15)
     top = teacher_topk(t, 15, temperature=1.5)
-    sparse = sparse_ranking_loss(s, top.ids, top.logprobs, teacher_tail_logprob=top.tail_logprob, k=4, union=union,
-                                 temperature=1.5)
-    dense = ranking_loss(s, t, k=4, union=union, temperature=1.5)
+    sparse = sparse_ranking_loss(s, top.ids, top.logprobs, teacher_tail_logprob=top.tail_logprob, rank_k=4,
+                                 rank_union=union, temperature=1.5)
+    dense = ranking_loss(s, t, rank_k=4, rank_union=union, temperature=1.5)
     torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-10)
     g1, g2 = torch.autograd.grad(sparse, s), torch.autograd.grad(dense, s)
     torch.testing.assert_close(g1, g2, rtol=0, atol=1e-10)
@@ -135,7 +135,7 @@ def test_sparse_ranking_with_k_equal_v_is_dense(union):
 def test_sparse_ranking_fills_uncached_ids_with_the_mean_tail_logprob():
     s, t = _values(5, 20, seed=16), _values(5, 20, seed=17)
     top = teacher_topk(t, 6)
-    got = sparse_ranking_loss(s, top.ids, top.logprobs, teacher_tail_logprob=top.tail_logprob, k=3,
+    got = sparse_ranking_loss(s, top.ids, top.logprobs, teacher_tail_logprob=top.tail_logprob, rank_k=3,
                               reduction="none")
     # reference: the teacher as a full vector, cached ids at their log-probs, every other id at log(tail / (V − K))
     full = torch.full((5, 20), 0.0, dtype=torch.float64)
@@ -148,14 +148,14 @@ def test_sparse_ranking_fills_uncached_ids_with_the_mean_tail_logprob():
 def test_rank_bad_input():
     s, t = torch.randn(2, 6), torch.randn(2, 6)
     with pytest.raises(ValueError, match=r"rank k=7 must be in \[1, V=6\]"):
-        ranking_loss(s, t, k=7)
+        ranking_loss(s, t, rank_k=7)
     with pytest.raises(ValueError, match="union='set'"):
-        ranking_loss(s, t, union="set")
+        ranking_loss(s, t, rank_union="set")
     with pytest.raises(ValueError, match="regularization_strength=0"):
         ranking_loss(s, t, regularization_strength=0)
     top = teacher_topk(t, 3)
     with pytest.raises(ValueError, match=r"rank k=4 exceeds the teacher's cached top-K=3"):
-        sparse_ranking_loss(s, top.ids, top.logprobs, k=4)
+        sparse_ranking_loss(s, top.ids, top.logprobs, rank_k=4)
     with pytest.raises(ValueError, match="same shape"):
         ranking_loss(s, torch.randn(2, 7))
 
@@ -199,9 +199,9 @@ def _loss_and_grad(student, teacher, sparse: bool, k: int = 5):
     student = student.detach().clone().requires_grad_()
     if sparse:  # the teacher's top-8, as a cache or `teacher_top_k` gives it
         top = teacher_topk(teacher, 8)
-        loss = sparse_ranking_loss(student, top.ids, top.logprobs, teacher_tail_logprob=top.tail_logprob, k=k)
+        loss = sparse_ranking_loss(student, top.ids, top.logprobs, teacher_tail_logprob=top.tail_logprob, rank_k=k)
     else:
-        loss = ranking_loss(student, teacher, k=k)
+        loss = ranking_loss(student, teacher, rank_k=k)
     (grad,) = torch.autograd.grad(loss, student)
     return loss.detach(), grad
 
@@ -232,7 +232,7 @@ def test_stats_count_hard_rows_which_pass_no_gradient():
         # distinct values `scale` apart: far apart (100) no two candidates pool; close (0.01) all of them do
         student = torch.stack([torch.randperm(40) for _ in range(6)]).double().mul(scale).requires_grad_()
         stats: dict = {}
-        ranking_loss(student, teacher, k=5, regularization_strength=1.0, reduction="sum", stats=stats).backward()
+        ranking_loss(student, teacher, rank_k=5, regularization_strength=1.0, reduction="sum", stats=stats).backward()
         assert stats["rows"] == 6 and stats["undefined_rows"] == 0, stats
         # far-apart logits: every row's soft ranks are the hard ranks and the gradient is exactly zero
         assert stats["hard_rows"] == (6 if expect_hard else 0), (scale, stats)
@@ -245,8 +245,8 @@ def test_stats_count_undefined_rows_and_only_counted_tokens():
     teacher[0, 0] = 0.0  # a constant teacher row: its ranks are constant, the correlation undefined
     mask = torch.tensor([[True, True, False], [True, False, False]])
     stats: dict = {}
-    ranking_loss(student, teacher, k=4, mask=mask, stats=stats)
-    ranking_loss(student, teacher, k=4, mask=mask, stats=stats)  # counts add up over calls
+    ranking_loss(student, teacher, rank_k=4, mask=mask, stats=stats)
+    ranking_loss(student, teacher, rank_k=4, mask=mask, stats=stats)  # counts add up over calls
     assert stats == {"rows": 6, "hard_rows": stats["hard_rows"], "undefined_rows": 2}, stats
 
 
@@ -256,9 +256,9 @@ def test_sparse_stats_match_dense_with_the_full_vocabulary():
     teacher = torch.randn(5, 12, dtype=torch.float64) * 3
     logprobs = teacher.log_softmax(-1)
     dense, sparse = {}, {}
-    ranking_loss(student, teacher, k=3, stats=dense)
+    ranking_loss(student, teacher, rank_k=3, stats=dense)
     ids = torch.arange(12).expand(5, 12)
-    sparse_ranking_loss(student, ids, logprobs, k=3, stats=sparse)
+    sparse_ranking_loss(student, ids, logprobs, rank_k=3, stats=sparse)
     assert dense == sparse and dense["rows"] == 5, (dense, sparse)
 
 
