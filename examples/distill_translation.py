@@ -87,6 +87,15 @@ class ExampleConfig:
     loss: str = field(default="fkl", metadata={"help": "KD divergence of RLKDConfig: fkl, rkl, jsd, tvd, skl, ..."})
     rank_weights: list[float] = field(default_factory=lambda: [2.0], metadata={"help": "RLKD rank weights (0: off)."})
     rank_k: int = field(default=5, metadata={"help": "Top-k of the ranking loss."})
+    rank_union: str = field(
+        default="exact", metadata={"help": "How the ranking loss joins both top-k sets: exact or concat (RLKDConfig)."}
+    )
+    rank_regularization_strength: float = field(
+        default=1.0, metadata={"help": "ε of the ranking loss's soft ranks (RLKDConfig; RLKD's 1.0)."}
+    )
+    rank_dynamic_weighting: bool = field(
+        default=False, metadata={"help": "Weight each token's KD term by its top-k overlap (RLKDConfig; true/false)."}
+    )
     distill_steps: int = field(default=30, metadata={"help": "Distillation optimizer steps per method."})
     distill_lr: float = field(default=5e-4, metadata={"help": "Distillation learning rate (constant)."})
     batch_size: int = field(default=8, metadata={"help": "Distillation batch size."})
@@ -104,6 +113,10 @@ class ExampleConfig:
     # evaluation and output
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of greedy generation."})
     eval_max_new_tokens: int = field(default=64, metadata={"help": "Max tokens of a generated translation."})
+    translate_test: bool = field(
+        default=True, metadata={"help": "Translate the test verses with each student (BLEU, chrF, KL own); false: "
+                                        "teacher-forced metrics only (MOR@5, CR@k, KL), a cheaper run for ablations."},
+    )  # fmt: skip
     output_dir: str = field(default="runs/translation", metadata={"help": "Where results and plots go."})
     artifacts_dir: str = field(default="artifacts", metadata={"help": "Where fine-tuned teachers are cached."})
     skip_distill: bool = field(default=False, metadata={"help": "Stop after evaluating the student before KD."})
@@ -388,6 +401,9 @@ def rlkd_config(args: ExampleConfig, *, sampling_mode: str, rank_weight: float, 
         loss=args.loss,
         rank_weight=rank_weight,
         rank_k=args.rank_k,
+        rank_union=args.rank_union,
+        rank_regularization_strength=args.rank_regularization_strength,
+        rank_dynamic_weighting=args.rank_dynamic_weighting,
         max_new_tokens=args.max_new_tokens,
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
@@ -466,21 +482,43 @@ def evaluate(model, tokenizer, test, cfg: ExampleConfig, teacher=None, seen: lis
     and KL on the model's own translations; with `seen` pairs (trained on), the same metrics on those as `seen_*`."""
     from rlkd_onpolicy.eval import evaluate_translation, teacher_forced_agreement
 
-    result = evaluate_translation(
-        model, tokenizer, test, cfg.src, cfg.tgt, teacher=teacher, batch_size=cfg.eval_batch_size,
-        max_new_tokens=cfg.eval_max_new_tokens, instruction_role=cfg.instruction_role, progress=True,
-    )  # fmt: skip
+    if cfg.translate_test or teacher is None:
+        result = evaluate_translation(
+            model, tokenizer, test, cfg.src, cfg.tgt, teacher=teacher, batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.eval_max_new_tokens, instruction_role=cfg.instruction_role, progress=True,
+        )  # fmt: skip
+    else:  # the same teacher-forced measures as evaluate_translation, without generating
+        result = teacher_forced_agreement(
+            model, teacher, tokenizer, test, cfg.src, cfg.tgt, batch_size=max(cfg.eval_batch_size // 2, 1),
+            instruction_role=cfg.instruction_role, progress=True,
+        )  # fmt: skip
     if seen and teacher is not None:
         agreement = teacher_forced_agreement(
             model, teacher, tokenizer, seen, cfg.src, cfg.tgt, batch_size=max(cfg.eval_batch_size // 2, 1),
             ks=(1, 2, 5), instruction_role=cfg.instruction_role,
         )  # fmt: skip
         result.update({f"seen_{key}": value for key, value in agreement.items() if key != "tokens"})
-    result["samples"] = [
-        {"ref": p["ref"], "src": p["src"], "tgt": p["tgt"], "hyp": h}
-        for p, h in zip(test[:5], result.pop("hypotheses")[:5], strict=True)
-    ]
+    hypotheses = result.pop("hypotheses", None)
+    if hypotheses is not None:
+        result["samples"] = [
+            {"ref": p["ref"], "src": p["src"], "tgt": p["tgt"], "hyp": h}
+            for p, h in zip(test[:5], hypotheses[:5], strict=True)
+        ]
     return result
+
+
+# The trainer's ranking-loss diagnostics (docs/trainer.md), logged at every logging step when rank_weight > 0.
+DIAGNOSTICS = ("kd_logit_grad_norm", "rank_logit_grad_norm", "rank_hard_fraction", "rank_undefined_fraction")
+
+
+def diagnostics(history: list[dict]) -> dict[str, float]:
+    """Mean over the logging steps of each ranking-loss diagnostic the trainer logged (none for rank weight 0)."""
+    means = {}
+    for key in DIAGNOSTICS:
+        values = [h[key] for h in history if _number(h, key)]
+        if values:
+            means[key] = sum(values) / len(values)
+    return means
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -769,7 +807,8 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_folder if cfg.teacher_sft_steps and cfg.student is None else None)  # fmt: skip
     rows["student before"] = cached_evaluation(
         before_folder, eval_key | {"model": "student", "student": cfg.student_key(),
-                                   "seen": [p["src"] for p in seen] if seen else None},
+                                   "seen": [p["src"] for p in seen] if seen else None}
+        | ({} if cfg.translate_test else {"translated": False}),
         announced("eval", "student before distillation", eval_seconds * (teacher_units + 3 * student_units) / 8,
                   lambda: evaluate(student_base, tokenizer, data["test"], cfg, teacher=teacher, seen=seen)),
     )  # fmt: skip
@@ -795,8 +834,9 @@ def main(argv: list[str] | None = None) -> dict:
                 announce("eval", f"{name}, seed {seed}", eval_seconds * (teacher_units + 3 * student_units) / 8)
                 run = evaluate(student.eval(), tokenizer, data["test"], cfg, teacher=teacher, seen=seen)
                 loss = [(h["step"], h["loss"]) for h in history if "loss" in h]
-                runs.setdefault(name, []).append(run | {"train_seconds": seconds, "seed": seed, "loss": loss,
-                                                        "dev": dev_points})  # fmt: skip
+                run |= {"train_seconds": seconds, "seed": seed, "loss": loss, "dev": dev_points,
+                        "diagnostics": diagnostics(history)}  # fmt: skip
+                runs.setdefault(name, []).append(run)
                 curves.setdefault(name, []).append(dev_points)
                 if cfg.save_students and seed == cfg.seeds[0]:
                     folder = output / "students" / _slug(name)

@@ -7,6 +7,8 @@
     # why the ranking loss does (not) move the student: soft-rank diagnostics on a teacher/student pair
     .venv/bin/python examples/translation_study.py rank-diagnosis --teacher artifacts/teacher-<hash> \
         --student artifacts/student-<hash> --strengths 0.1 1 10
+    # the ranking loss's options one at a time (ε, rank_k, rank_weight, union, dynamic weighting), 3 seeds each
+    .venv/bin/python examples/translation_study.py ablation --config configs/translation/rlkd_ablation.yaml
 
 Each measurement is appended to `--out` (JSON lines) as soon as it is made, so a long study keeps what it measured.
 The settings not given here are the example's defaults (`ExampleConfig`), so a row reproduces with the example's flags.
@@ -168,6 +170,115 @@ def rank_diagnosis(args) -> None:
         })  # fmt: skip
 
 
+KD_ONLY, RLKD = "KD only (rank 0)", "KD + rank (RLKD's defaults)"
+
+
+def _finished(folder: Path) -> dict | None:
+    """The example's results.json in `folder` if its run finished (not a partial one), else None."""
+    file = folder / "results.json"
+    if not file.is_file():
+        return None
+    results = json.loads(file.read_text())
+    return None if results.get("partial") else results
+
+
+def ablation_plan(ex, config: Path, output: Path | None = None):
+    """Read and check an ablation plan (YAML: base, variants, optional settings and output_dir) before anything runs:
+    the base must run one sampling mode with rank weights 0 and 2; each variant's settings (the base's, rank weight
+    2 unless it sets rank_weights, then the plan's `settings`, then its own changes) are written to
+    <output>/<variant>/config.yaml and must make a valid ExampleConfig and RLKDConfig with the base's seeds.
+    Returns (base preset path, base ExampleConfig, {variant: (config path, changes)}, output folder)."""
+    import yaml
+
+    plan = yaml.safe_load(Path(config).read_text()) or {}
+    unknown = sorted(set(plan) - {"base", "settings", "variants", "output_dir"})
+    if unknown or not plan.get("variants") or "base" not in plan:
+        raise ValueError(f"{config}: needs 'base' and 'variants' (optional 'settings', 'output_dir'); "
+                         f"unknown keys {unknown}.")  # fmt: skip
+    base_file = REPO / plan["base"]
+    base = ex.parse_args(["--config", str(base_file)])
+    if sorted(base.rank_weights) != [0.0, 2.0] or len(base.sampling_modes) != 1:
+        raise ValueError(f"{base_file}: the base must run one sampling mode with rank_weights [0.0, 2.0], not "
+                         f"{base.sampling_modes} x {base.rank_weights}.")  # fmt: skip
+    output = Path(output or plan.get("output_dir", "runs/rlkd_ablation"))
+    base_settings = yaml.safe_load(base_file.read_text())
+    configs = {}
+    for name, changes in plan["variants"].items():
+        settings = base_settings | {"rank_weights": [2.0]} | plan.get("settings", {}) | dict(changes)
+        settings["output_dir"] = str(output / ex._slug(name))
+        Path(settings["output_dir"]).mkdir(parents=True, exist_ok=True)
+        path = Path(settings["output_dir"]) / "config.yaml"
+        path.write_text(yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+        try:
+            cfg = ex.parse_args(["--config", str(path)])
+            for weight in cfg.rank_weights:
+                ex.rlkd_config(cfg, sampling_mode=cfg.sampling_modes[0], rank_weight=weight, seed=cfg.seeds[0],
+                               output_dir=output)  # fmt: skip
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{config}: variant {name!r} ({changes}): {error}") from error
+        if cfg.seeds != base.seeds:
+            raise ValueError(f"{config}: variant {name!r}: seeds {cfg.seeds} differ from the base's {base.seeds}; "
+                             "the comparison pairs runs by seed.")  # fmt: skip
+        configs[name] = (path, changes)
+    return base_file, base, configs, output
+
+
+def ablation(args) -> None:
+    """The ranking loss's options, one at a time, on a base preset (RLKD's Table 1 in miniature): the base runs KD
+    with rank weight 0 and with RLKD's defaults (its own output_dir, reused when finished); each variant changes
+    some of the example's settings and runs the base's seeds, so every variant is paired by seed with both base
+    rows. Writes <output_dir>/ablation.md and ablation.json after every variant; a finished variant is reused."""
+    ex = _example()
+    base_file, base, configs, output = ablation_plan(ex, args.config)
+    mode = base.sampling_modes[0]
+    kd_name, rank_name = (f"{mode} {base.loss} rank={w:g}" for w in (0.0, 2.0))
+    results = _finished(Path(base.output_dir))
+    if results is None:
+        print("[ablation] base:", base_file, flush=True)
+        results = ex.main(["--config", str(base_file)])
+    runs = {KD_ONLY: results["runs"][kd_name], RLKD: results["runs"][rank_name]}
+    described = {KD_ONLY: "rank_weight 0", RLKD: "rank_weight 2, rank_k 5, ε 1, exact union, no dynamic weighting"}
+    for name, (path, changes) in configs.items():
+        results = _finished(path.parent)
+        if results is None:
+            print(f"[ablation] {name}: {path}", flush=True)
+            results = ex.main(["--config", str(path)])
+        (method,) = [m for m in results["runs"] if not m.startswith(("teacher", "student"))]
+        runs[name] = results["runs"][method]
+        described[name] = ", ".join(f"{k} {v}" for k, v in changes.items())
+        _write_ablation(ex, output, runs, described, args.config)
+
+
+def _write_ablation(ex, output: Path, runs: dict, described: dict, config: Path) -> None:
+    rows = {f"{name} ({described[name]})": ex.summarise(r) for name, r in runs.items()}
+    pairs = [(RLKD, KD_ONLY)] + [(n, b) for n in runs if n not in (KD_ONLY, RLKD) for b in (KD_ONLY, RLKD)]
+    seconds = sum(r.get("train_seconds", 0.0) for rs in runs.values() for r in rs)
+    text = (f"Ablation of the ranking loss (`examples/translation_study.py ablation --config {config}`); "
+            f"{sum(map(len, runs.values()))} runs, {seconds / 60:.0f} min of training.\n\n"
+            + ex.markdown_table(rows)
+            + "\n\nPaired differences (runs paired by seed; mean [95 % t interval]):\n\n"
+            + ex.paired_table(runs, pairs) + "\n" + _diagnostics_table(ex, runs, described))  # fmt: skip
+    (output / "ablation.md").write_text(text)
+    (output / "ablation.json").write_text(json.dumps({"runs": runs, "described": described}, indent=1, default=str))
+    print(text, flush=True)
+
+
+def _diagnostics_table(ex, runs: dict, described: dict) -> str:
+    """Mean over seeds and logging steps of the trainer's ranking-loss diagnostics, per row that logged them."""
+    lines = []
+    for name, rs in runs.items():
+        logged = [r.get("diagnostics") or {} for r in rs]
+        means = {k: [d[k] for d in logged if k in d] for k in ex.DIAGNOSTICS}
+        if any(means.values()):
+            cells = [f"{sum(v) / len(v):.3f}" if v else "" for v in means.values()]
+            lines.append(f"| {name} ({described[name]}) | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    header = "| row | " + " | ".join(ex.DIAGNOSTICS) + " |\n" + "|---" * (len(ex.DIAGNOSTICS) + 1) + "|\n"
+    title = "\nRanking-loss diagnostics (trainer, mean over logging steps and seeds):\n\n"
+    return title + header + "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="study", required=True)
@@ -201,10 +312,13 @@ def main(argv=None) -> None:
     diagnosis.add_argument("--strengths", type=float, nargs="+", default=[0.1, 1.0, 10.0, 100.0])
     diagnosis.add_argument("--rank-k", type=int, default=5)
     diagnosis.add_argument("--rank-weight", type=float, default=2.0)
+    ablate = sub.add_parser("ablation", help="The ranking loss's options, one at a time, on a base preset.")
+    ablate.add_argument("--config", type=Path, default=REPO / "configs" / "translation" / "rlkd_ablation.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/study/study.jsonl"))
     parser.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
     args = parser.parse_args(argv)
-    {"teacher": teacher_study, "student": student_study, "rank-diagnosis": rank_diagnosis}[args.study](args)
+    {"teacher": teacher_study, "student": student_study, "rank-diagnosis": rank_diagnosis,
+     "ablation": ablation}[args.study](args)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Every YAML in configs/translation/ is a valid preset of the translation example: known keys, valid values."""
+"""Every YAML in configs/translation/ is a valid preset of the translation example (known keys, valid values) or a
+valid ablation plan of examples/translation_study.py (a base preset and variants, each checked the same way)."""
 
 import importlib.util
 from pathlib import Path
@@ -7,20 +8,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 YAMLS = sorted((ROOT / "configs" / "translation").glob("*.yaml"))
+PLANS = [p for p in YAMLS if "variants:" in p.read_text()]
+PRESETS = [p for p in YAMLS if p not in PLANS]
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("distill_translation", ROOT / "examples" / "distill_translation.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def _example():
+    return _load("distill_translation")
+
+
 def test_there_are_translation_configs():
-    assert YAMLS, "configs/translation/ has no YAML file"
+    assert PRESETS, "configs/translation/ has no preset"
+    assert PLANS, "configs/translation/ has no ablation plan"
 
 
-@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_translation_config_parses_and_names_known_methods(path):
     example = _example()
     cfg = example.parse_args(["--config", str(path)])
@@ -42,3 +50,74 @@ def test_unknown_key_in_a_translation_config_is_refused(tmp_path):
 def test_negative_student_sft_steps_is_refused():
     with pytest.raises(ValueError, match="student_sft_steps=-1"):
         _example().parse_args(["--student-sft-steps", "-1"])
+
+
+@pytest.mark.parametrize("path", PLANS, ids=lambda p: p.name)
+def test_ablation_plan_writes_a_valid_config_per_variant(path, tmp_path):
+    import yaml
+
+    example, study = _example(), _load("translation_study")
+    base_file, base, configs, output = study.ablation_plan(example, path, output=tmp_path)
+    assert output == tmp_path and base.rank_weights == [0.0, 2.0]
+    plan = yaml.safe_load(path.read_text())
+    assert list(configs) == list(plan["variants"])
+    for name, (config, changes) in configs.items():
+        cfg = example.parse_args(["--config", str(config)])
+        assert cfg.seeds == base.seeds and cfg.output_dir == str(config.parent), name
+        for key, value in changes.items():  # the variant's change reached the settings it runs with
+            assert getattr(cfg, key) == value, (name, key)
+        others = {k: v for k, v in yaml.safe_load(base_file.read_text()).items() if k not in changes}
+        others.pop("output_dir")
+        if others.pop("rank_weights", None) is not None:  # a variant that does not set it runs RLKD's weight 2
+            assert cfg.rank_weights == [2.0], name
+        for key, value in others.items():  # everything else is the base's
+            assert getattr(cfg, key) == value, (name, key)
+
+
+def _plan(tmp_path, variants: str) -> Path:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"base: configs/translation/rlkd_table1.yaml\nvariants:\n{variants}")
+    return plan
+
+
+def test_ablation_plan_refuses_a_bad_variant_value_naming_it(tmp_path):
+    study = _load("translation_study")
+    with pytest.raises(ValueError, match="'bad union'.*rank_union"):
+        study.ablation_plan(_example(), _plan(tmp_path, '  "bad union": {rank_union: nearest}\n'), output=tmp_path)
+
+
+def test_ablation_plan_refuses_an_unknown_variant_key(tmp_path):
+    study = _load("translation_study")
+    with pytest.raises(ValueError, match="rank_strength"):
+        study.ablation_plan(_example(), _plan(tmp_path, "  typo: {rank_strength: 2.0}\n"), output=tmp_path)
+
+
+def test_ablation_plan_refuses_other_seeds(tmp_path):
+    study = _load("translation_study")
+    with pytest.raises(ValueError, match="pairs runs by seed"):
+        study.ablation_plan(_example(), _plan(tmp_path, "  fewer: {seeds: [0]}\n"), output=tmp_path)
+
+
+def test_without_translation_the_teacher_forced_measures_are_unchanged():
+    """translate_test=False (the ablations' cheaper evaluation) gives the same MOR@5 / CR@k / KL on the test pairs as
+    the full evaluation, and no BLEU, chrF or KL own (nothing generated)."""
+    import math
+
+    from tiny_models import tiny_llama, tiny_tokenizer
+
+    example = _example()
+    tokenizer = tiny_tokenizer()
+    teacher = tiny_llama(len(tokenizer), seed=1, sharpen=3.0)
+    student = tiny_llama(len(tokenizer), seed=2)
+    test = [{"src": s, "tgt": t, "ref": t} for s, t in
+            [("the cat sees the dog", "le chat voit le chien"), ("one red bird", "un oiseau rouge"),
+             ("the big house", "la grand maison")]]  # fmt: skip
+    full_cfg = example.ExampleConfig(src="en", tgt="fr", eval_max_new_tokens=4, eval_batch_size=2)
+    cheap_cfg = example.ExampleConfig(src="en", tgt="fr", eval_max_new_tokens=4, eval_batch_size=2,
+                                      translate_test=False)  # fmt: skip
+    full = example.evaluate(student, tokenizer, test, full_cfg, teacher=teacher, seen=test[:2])
+    cheap = example.evaluate(student, tokenizer, test, cheap_cfg, teacher=teacher, seen=test[:2])
+    assert {"bleu", "chrf", "kl_own", "samples"} <= set(full)
+    assert not {"bleu", "chrf", "kl_own", "samples"} & set(cheap), sorted(cheap)
+    for key in ("kl", "cr@1", "cr@2", "mor@5", "seen_kl", "seen_mor@5"):
+        assert math.isfinite(cheap[key]) and math.isclose(cheap[key], full[key], rel_tol=1e-5, abs_tol=1e-7), key
