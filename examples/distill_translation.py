@@ -100,7 +100,7 @@ class ExampleConfig:
     distill_lr: float = field(default=5e-4, metadata={"help": "Distillation learning rate (constant)."})
     batch_size: int = field(default=8, metadata={"help": "Distillation batch size."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per prompt in on-policy modes."})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; several give mean ± std."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; several: 95-percent intervals."})
     curve_every: int = field(default=15, metadata={"help": "Steps between MOR@5 points on the dev split."})
     distill_pairs: int | None = field(
         default=None, metadata={"help": "Distinct training pairs the methods train on (default: distill_steps x "
@@ -176,7 +176,7 @@ QUICK = dict(
     student_sft_steps=4, distill_steps=8, rank_weights=[0.0, 2.0], batch_size=4, max_new_tokens=32, curve_every=4,
     eval_max_new_tokens=48, max_length=160, max_prompt_length=96,
 )  # fmt: skip
-# `--compare`: the matrix (4 modes x forward KL with and without the ranking loss x 3 seeds = 24 runs), each
+# `--compare`: SFT and the 4 sampling modes x forward KL with and without the ranking loss x 3 seeds (27 runs), each
 # run shortened (30 steps, 100 test verses) so that the whole matrix fits in about 1.5 hours on 2 CPU cores.
 COMPARE = dict(
     sampling_modes=["sft", "off_policy", "on_policy", "mixed", "speculative"], rank_weights=[0.0, 2.0], seeds=[0, 1, 2],
@@ -191,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> ExampleConfig:
         argument_default=argparse.SUPPRESS,
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="A few-minute run of the whole pipeline (CPU).")
-    parser.add_argument("--compare", action="store_true", help="Modes x rank weights x 3 seeds, mean ± std.")
+    parser.add_argument("--compare", action="store_true", help="Modes x rank weights x 3 seeds, 95-percent intervals.")
     parser.add_argument("--config", help="YAML file whose keys are fields of ExampleConfig.")
     parser.add_argument("--sampling-mode", dest="sampling_modes", nargs="+", help="One or more sampling modes.")
     parser.add_argument("--rank-weight", dest="rank_weights", nargs="+", type=float, help="One or more weights.")
