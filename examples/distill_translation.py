@@ -509,12 +509,16 @@ def evaluate(model, tokenizer, test, cfg: ExampleConfig, teacher=None, seen: lis
 
 # The trainer's ranking-loss diagnostics (docs/trainer.md), logged at every logging step when rank_weight > 0.
 DIAGNOSTICS = ("kd_logit_grad_norm", "rank_logit_grad_norm", "rank_hard_fraction", "rank_undefined_fraction")
+# What the rollouts logged: the share of SKD proposals the teacher kept and of completion tokens it wrote, the
+# on-policy share of mixed batches.
+ROLLOUT_DIAGNOSTICS = ("acceptance_rate", "teacher_token_fraction", "on_policy_fraction")
 
 
 def diagnostics(history: list[dict]) -> dict[str, float]:
-    """Mean over the logging steps of each ranking-loss diagnostic the trainer logged (none for rank weight 0)."""
+    """Mean over the logging steps of each ranking-loss (none for rank weight 0) and rollout diagnostic the trainer
+    logged."""
     means = {}
-    for key in DIAGNOSTICS:
+    for key in DIAGNOSTICS + ROLLOUT_DIAGNOSTICS:
         values = [h[key] for h in history if _number(h, key)]
         if values:
             means[key] = sum(values) / len(values)

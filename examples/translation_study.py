@@ -9,6 +9,8 @@
         --student artifacts/student-<hash> --strengths 0.1 1 10
     # the ranking loss's options one at a time (ε, rank_k, rank_weight, union, dynamic weighting), 3 seeds each
     .venv/bin/python examples/translation_study.py ablation --config configs/translation/rlkd_ablation.yaml
+    # GKD's and SKD's orderings: sampling modes x losses x rank weights from one supervised student, 3 seeds
+    .venv/bin/python examples/translation_study.py orderings --config configs/translation/orderings.yaml
 
 Each measurement is appended to `--out` (JSON lines) as soon as it is made, so a long study keeps what it measured.
 The settings not given here are the example's defaults (`ExampleConfig`), so a row reproduces with the example's flags.
@@ -17,6 +19,7 @@ The settings not given here are the example's defaults (`ExampleConfig`), so a r
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -182,6 +185,24 @@ def _finished(folder: Path) -> dict | None:
     return None if results.get("partial") else results
 
 
+def _checked_config(ex, folder: Path, settings: dict, where: str):
+    """Write `settings` (output_dir = `folder`) to folder/config.yaml; returns (its path, the ExampleConfig it makes),
+    after building every method's RLKDConfig, so that a bad value fails, naming `where`, before anything runs."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(settings | {"output_dir": str(folder)}, sort_keys=False, allow_unicode=True))
+    try:
+        cfg = ex.parse_args(["--config", str(path)])
+        for _, mode, weight in ex.method_names(cfg):
+            if mode != ex.SFT_BASELINE:
+                ex.rlkd_config(cfg, sampling_mode=mode, rank_weight=weight, seed=cfg.seeds[0], output_dir=folder)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where}: {error}") from error
+    return path, cfg
+
+
 def ablation_plan(ex, config: Path, output: Path | None = None):
     """Read and check an ablation plan (YAML: base, variants, optional settings and output_dir) before anything runs:
     the base must run one sampling mode with rank weights 0 and 2; each variant's settings (the base's, rank weight
@@ -205,17 +226,7 @@ def ablation_plan(ex, config: Path, output: Path | None = None):
     configs = {}
     for name, changes in plan["variants"].items():
         settings = base_settings | {"rank_weights": [2.0]} | plan.get("settings", {}) | dict(changes)
-        settings["output_dir"] = str(output / ex._slug(name))
-        Path(settings["output_dir"]).mkdir(parents=True, exist_ok=True)
-        path = Path(settings["output_dir"]) / "config.yaml"
-        path.write_text(yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
-        try:
-            cfg = ex.parse_args(["--config", str(path)])
-            for weight in cfg.rank_weights:
-                ex.rlkd_config(cfg, sampling_mode=cfg.sampling_modes[0], rank_weight=weight, seed=cfg.seeds[0],
-                               output_dir=output)  # fmt: skip
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"{config}: variant {name!r} ({changes}): {error}") from error
+        path, cfg = _checked_config(ex, output / ex._slug(name), settings, f"{config}: variant {name!r} ({changes})")
         if cfg.seeds != base.seeds:
             raise ValueError(f"{config}: variant {name!r}: seeds {cfg.seeds} differ from the base's {base.seeds}; "
                              "the comparison pairs runs by seed.")  # fmt: skip
@@ -279,6 +290,148 @@ def _diagnostics_table(ex, runs: dict, described: dict) -> str:
     return title + header + "\n".join(lines) + "\n"
 
 
+# GKD's and SKD's "supervised KD" is off-policy forward KL: every other method is compared with it.
+SUPERVISED_KD = ("fkl", "off_policy")  # (loss, mode)
+
+
+def orderings_plan(ex, config: Path, output: Path | None = None):
+    """Read and check an orderings plan (YAML: `settings` shared by every loss, `losses` {loss: its own changes},
+    optional `output_dir`) before anything runs. Each loss's settings (the example's defaults, then `settings`, then
+    its changes, `loss` set) are written to <output>/<loss>/config.yaml and must make a valid ExampleConfig and an
+    RLKDConfig per method; all losses run the same seeds (runs are paired by seed across losses too), and at most
+    one runs the SFT baseline (one row of that name). Returns ({loss: config path}, output folder)."""
+    import yaml
+
+    plan = yaml.safe_load(Path(config).read_text()) or {}
+    unknown = sorted(set(plan) - {"settings", "losses", "output_dir"})
+    if unknown or not plan.get("losses"):
+        raise ValueError(f"{config}: needs 'losses' (optional 'settings', 'output_dir'); unknown keys {unknown}.")
+    output = Path(output or plan.get("output_dir", "runs/orderings"))
+    configs, seeds, with_sft = {}, None, []
+    for loss, changes in plan["losses"].items():
+        settings = dict(plan.get("settings") or {}) | dict(changes or {}) | {"loss": loss}
+        path, cfg = _checked_config(ex, output / ex._slug(loss), settings, f"{config}: loss {loss!r} ({changes})")
+        if seeds is not None and cfg.seeds != seeds:
+            raise ValueError(f"{config}: loss {loss!r} runs seeds {cfg.seeds}, another loss {seeds}; the comparison "
+                             "pairs runs by seed, so every loss needs the same seeds.")  # fmt: skip
+        seeds = cfg.seeds
+        if ex.SFT_BASELINE in cfg.sampling_modes:
+            with_sft.append(loss)
+        configs[loss] = path
+    if len(with_sft) > 1:
+        raise ValueError(f"{config}: losses {with_sft} all run the SFT baseline (no teacher, the same runs): keep "
+                         f"'{ex.SFT_BASELINE}' in one loss's sampling_modes.")  # fmt: skip
+    return configs, output
+
+
+def orderings(args) -> None:
+    """The sampling modes (supervised KD, on-policy, mixed, speculative) x losses x rank weights from the same
+    supervised student, seeds paired: GKD's and SKD's orderings (issue 13). Runs each loss of the plan named by
+    --loss (all by default, in the plan's order; a finished one is reused, so two shells can run two losses side by
+    side), then writes <output_dir>/orderings.md and orderings.json from every loss's results, partial ones included
+    (--report-only: only that)."""
+    ex = _example()
+    configs, output = orderings_plan(ex, args.config)
+    unknown = sorted(set(args.loss or []) - set(configs))
+    if unknown:
+        raise ValueError(f"--loss {unknown}: the plan {args.config} has losses {list(configs)}.")
+    if not args.report_only:
+        for loss, path in configs.items():
+            if args.loss and loss not in args.loss:
+                continue
+            if _finished(path.parent) is None:
+                print(f"[orderings] {loss}: {path}", flush=True)
+                ex.main(["--config", str(path)])
+    text = _write_orderings(ex, output, configs, args.config)
+    print(text, flush=True)
+
+
+def orderings_pairs(methods: list[tuple[str, str, str, float]]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The paired comparisons of an orderings study, by question. `methods`: (row name, loss, mode, rank weight)."""
+    names = {(loss, mode, weight): name for name, loss, mode, weight in methods}
+    sections: dict[str, list[tuple[str, str]]] = {
+        "against supervised KD (off-policy forward KL, same rank weight): GKD's and SKD's baseline": [],
+        "against on-policy KD (same loss and rank weight): SKD's and mixed data's claim": [],
+        "ranking loss (rank weight > 0 against 0, same mode and loss)": [],
+        "the loss (against forward KL, same mode and rank weight; off-policy is in the first table)": [],
+        "against the SFT baseline (what the teacher adds)": [],
+    }
+    supervised, on_policy, rank, loss_pairs, sft = sections.values()
+    baseline = next((name for name, _, mode, _ in methods if mode == "sft"), None)
+    for name, loss, mode, weight in methods:
+        if mode == "sft":
+            continue
+        kd = names.get((*SUPERVISED_KD, weight))
+        if kd is not None and kd != name:
+            supervised.append((name, kd))
+        if mode in ("mixed", "speculative") and (loss, "on_policy", weight) in names:
+            on_policy.append((name, names[(loss, "on_policy", weight)]))
+        if weight > 0 and (loss, mode, 0.0) in names:
+            rank.append((name, names[(loss, mode, 0.0)]))
+        if loss != "fkl" and ("fkl", mode) != SUPERVISED_KD and ("fkl", mode, weight) in names:
+            loss_pairs.append((name, names[("fkl", mode, weight)]))
+        if baseline is not None:
+            sft.append((name, baseline))
+    return [(title, pairs) for title, pairs in sections.items() if pairs]
+
+
+def _write_orderings(ex, output: Path, configs: dict[str, Path], config: Path) -> str:
+    """orderings.md: every finished method's row (mean ± 95 % half-width), rollout diagnostics, and the paired
+    differences by question; orderings.json: the runs. Written through a temporary file, since two shells may
+    write it at once."""
+    rows: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
+    methods, partial = [], []
+    for loss, path in configs.items():
+        file = path.parent / "results.json"
+        if not file.is_file():
+            partial.append(f"{loss} (not started)")
+            continue
+        results = json.loads(file.read_text())
+        if results.get("partial"):
+            partial.append(f"{loss} (partial)")
+        for name, row in results["rows"].items():
+            if name.startswith(("teacher", "student")):
+                rows.setdefault(name, row)
+        cfg = ex.ExampleConfig(**{k: v for k, v in results["config"].items()})
+        for name, mode, weight in ex.method_names(cfg):
+            if name in results["runs"]:
+                runs[name] = results["runs"][name]
+                rows[name] = ex.summarise(runs[name]) if len(runs[name]) > 1 else dict(runs[name][0])
+                methods.append((name, loss, mode, weight))
+    seconds = sum(r.get("train_seconds", 0.0) for rs in runs.values() for r in rs)
+    text = (f"Orderings of the sampling modes (`examples/translation_study.py orderings --config {config}`); "
+            f"{sum(map(len, runs.values()))} runs, {seconds / 60:.0f} min of training"
+            + (f"; still running or stopped: {', '.join(partial)}" if partial else "") + ".\n\n"
+            + ex.markdown_table(rows) + "\n" + _rollout_table(ex, runs))  # fmt: skip
+    for title, pairs in orderings_pairs(methods):
+        text += f"\nPaired differences, {title} (runs paired by seed; mean [95 % t interval]):\n\n"
+        text += ex.paired_table(runs, pairs) + "\n"
+    output.mkdir(parents=True, exist_ok=True)
+    report = json.dumps({"rows": rows, "runs": runs}, indent=1, default=str)
+    for name, content in (("orderings.md", text), ("orderings.json", report)):
+        temporary = output / f".{name}.{os.getpid()}"
+        temporary.write_text(content)
+        temporary.replace(output / name)
+    return text
+
+
+def _rollout_table(ex, runs: dict) -> str:
+    """Mean over seeds and logging steps of what the rollouts logged: SKD's acceptance rate, mixed's on-policy
+    share (empty for modes without them)."""
+    lines = []
+    for name, rs in runs.items():
+        logged = [r.get("diagnostics") or {} for r in rs]
+        means = {k: [d[k] for d in logged if k in d] for k in ex.ROLLOUT_DIAGNOSTICS}
+        if any(means.values()):
+            lines.append(f"| {name} | " + " | ".join(f"{sum(v) / len(v):.3f}" if v else "" for v in means.values())
+                         + " |")  # fmt: skip
+    if not lines:
+        return ""
+    header = "| method | " + " | ".join(ex.ROLLOUT_DIAGNOSTICS) + " |\n" + "|---" * (len(ex.ROLLOUT_DIAGNOSTICS) + 1)
+    return "\nRollouts (mean over logging steps and seeds):\n\n" + header + "|\n" + "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="study", required=True)
@@ -314,11 +467,15 @@ def main(argv=None) -> None:
     diagnosis.add_argument("--rank-weight", type=float, default=2.0)
     ablate = sub.add_parser("ablation", help="The ranking loss's options, one at a time, on a base preset.")
     ablate.add_argument("--config", type=Path, default=REPO / "configs" / "translation" / "rlkd_ablation.yaml")
+    order = sub.add_parser("orderings", help="Sampling modes x losses x rank weights from one supervised student.")
+    order.add_argument("--config", type=Path, default=REPO / "configs" / "translation" / "orderings.yaml")
+    order.add_argument("--loss", nargs="+", help="Run only these losses of the plan (e.g. one per shell).")
+    order.add_argument("--report-only", action="store_true", help="Only write orderings.md from what has run.")
     parser.add_argument("--out", type=Path, default=Path("runs/study/study.jsonl"))
     parser.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
     args = parser.parse_args(argv)
     {"teacher": teacher_study, "student": student_study, "rank-diagnosis": rank_diagnosis,
-     "ablation": ablation}[args.study](args)  # fmt: skip
+     "ablation": ablation, "orderings": orderings}[args.study](args)  # fmt: skip
 
 
 if __name__ == "__main__":
