@@ -80,7 +80,9 @@ def topk_agreement(
         {"cr@1": ..., "mor@1": ..., ..., "spearman@10": ...} as floats; empty selections give 0.0.
 
     Example:
-        >>> topk_agreement(torch.randn(4, 100), torch.randn(4, 100), ks=(1, 5))["mor@5"]
+        >>> student, teacher = torch.arange(8.0), torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 6.0])
+        >>> topk_agreement(student, teacher, ks=(1, 2))  # the same top-2 set in the other order
+        {'cr@1': 0.0, 'mor@1': 0.0, 'cr@2': 0.0, 'mor@2': 1.0, 'spearman@2': -1.0}
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(

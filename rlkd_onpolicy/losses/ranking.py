@@ -203,7 +203,9 @@ def ranking_loss(
             of those with an undefined correlation ("rows", "hard_rows", "undefined_rows"), summed over calls.
 
     Example:
-        >>> ranking_loss(torch.randn(2, 5, 100), torch.randn(2, 5, 100), rank_k=5)
+        >>> s = torch.arange(8.0)  # student logits over V = 8; teachers: the same order, top 2 swapped, reversed
+        >>> [round(float(ranking_loss(s, t, rank_k=5)), 4) for t in (s, s[[0, 1, 2, 3, 4, 5, 7, 6]], s.flip(-1))]
+        [0.0, 0.1, 2.0]
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(

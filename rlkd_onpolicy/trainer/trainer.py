@@ -51,11 +51,11 @@ class RLKDTrainer(Trainer):
         processing_class: the tokenizer both models share (loaded from `model` when it is a name and this is None).
         peft_config: a `peft` config to train adapters on the student (needs `pip install peft`).
 
-    Example:
+    Example (the models and the dataset are the caller's, so building and training are skipped as doctests):
         >>> args = RLKDConfig(output_dir="out", sampling_mode="speculative", loss="fkl", rank_weight=2.0, rank_k=5)
         >>> trainer = RLKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train,
-        ...                       processing_class=tokenizer)
-        >>> trainer.train()
+        ...                       processing_class=tokenizer)  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
     """
 
     _tag_names = ["trl", "rlkd"]
