@@ -350,11 +350,11 @@ def orderings_pairs(methods: list[tuple[str, str, str, float]]) -> list[tuple[st
     """The paired comparisons of an orderings study, by question. `methods`: (row name, loss, mode, rank weight)."""
     names = {(loss, mode, weight): name for name, loss, mode, weight in methods}
     sections: dict[str, list[tuple[str, str]]] = {
-        "against supervised KD (off-policy forward KL, same rank weight): GKD's and SKD's baseline": [],
-        "against on-policy KD (same loss and rank weight): SKD's and mixed data's claim": [],
-        "ranking loss (rank weight > 0 against 0, same mode and loss)": [],
-        "the loss (against forward KL, same mode and rank weight; off-policy is in the first table)": [],
-        "against the SFT baseline (what the teacher adds)": [],
+        "against supervised KD (off-policy forward KL, same rank weight), GKD's and SKD's baseline": [],
+        "against on-policy KD (same loss and rank weight), SKD's and mixed data's claim": [],
+        "of the ranking loss (rank weight > 0 against 0, same mode and loss)": [],
+        "of the divergence (against forward KL, same mode and rank weight; off-policy is in the first table)": [],
+        "against the SFT baseline, what the teacher adds": [],
     }
     supervised, on_policy, rank, loss_pairs, sft = sections.values()
     baseline = next((name for name, _, mode, _ in methods if mode == "sft"), None)
@@ -400,12 +400,14 @@ def _write_orderings(ex, output: Path, configs: dict[str, Path], config: Path) -
                 rows[name] = ex.summarise(runs[name]) if len(runs[name]) > 1 else dict(runs[name][0])
                 methods.append((name, loss, mode, weight))
     seconds = sum(r.get("train_seconds", 0.0) for rs in runs.values() for r in rs)
-    text = (f"Orderings of the sampling modes (`examples/translation_study.py orderings --config {config}`); "
+    shown = Path(config).resolve()
+    shown = shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown
+    text = (f"Orderings of the sampling modes (`examples/translation_study.py orderings --config {shown}`); "
             f"{sum(map(len, runs.values()))} runs, {seconds / 60:.0f} min of training"
             + (f"; still running or stopped: {', '.join(partial)}" if partial else "") + ".\n\n"
             + ex.markdown_table(rows) + "\n" + _rollout_table(ex, runs))  # fmt: skip
     for title, pairs in orderings_pairs(methods):
-        text += f"\nPaired differences, {title} (runs paired by seed; mean [95 % t interval]):\n\n"
+        text += f"\nPaired differences {title}; runs paired by seed, mean [95 % t interval]:\n\n"
         text += ex.paired_table(runs, pairs) + "\n"
     output.mkdir(parents=True, exist_ok=True)
     report = json.dumps({"rows": rows, "runs": runs}, indent=1, default=str)
