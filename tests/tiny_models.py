@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 WORDS = (
     "the a cat dog bird sees eats runs sleeps red blue green big small house tree river light dark one two three "
@@ -34,7 +34,7 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast
 
 def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, sharpen: float = 1.0, heads: int = 4,
                kv_heads: int = 2, **config) -> LlamaForCausalLM:  # fmt: skip
-    """A random Llama, the one factory of the tests; `sharpen` scales its output layer so its next-token distribution
+    """A random Llama, the tests' usual model; `sharpen` scales its output layer so its next-token distribution
     has clear peaks. `config` overrides further LlamaConfig fields (the special ids default to the tiny tokenizer's:
     pad 0, BOS 2, EOS 3). The pad id matters to the weights: its embedding row is initialised to zero."""
     torch.manual_seed(seed)
@@ -48,6 +48,37 @@ def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0
         with torch.no_grad():
             model.lm_head.weight.mul_(sharpen)
     return model
+
+
+def tiny_gpt2(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, position_scale: float = 1.0,
+              **config) -> GPT2LMHeadModel:  # fmt: skip
+    """A random GPT-2: learned absolute position embeddings, so its outputs depend on where a row's positions start
+    (Llama's RoPE does not). `position_scale` scales those embeddings, initialised as small as the token ones, so a
+    shift moves the logits clearly. `config` overrides further GPT2Config fields (special ids: the tiny tokenizer's)."""
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=vocab_size, n_positions=64, n_embd=hidden, n_layer=layers, n_head=2, bos_token_id=2,
+                  eos_token_id=3, pad_token_id=0)  # fmt: skip
+    model = GPT2LMHeadModel(GPT2Config(**(fields | config)))
+    with torch.no_grad():
+        model.transformer.wpe.weight.mul_(position_scale)
+    return model.eval()
+
+
+def left_padded_rollouts(pads: int = 3):
+    """(batch, alone): a two-row rollout whose second row's prompt is left-padded by `pads` (and whose first row's
+    completion is right-padded), and that second row as a rollout of its own, with no padding."""
+    from rlkd_onpolicy.sampling.rollout import SOURCE_DATA, assemble_rollout
+
+    def rollout(prompt_ids, prompt_mask, completion_ids, completion_mask):
+        completion_mask = torch.tensor(completion_mask, dtype=torch.bool)
+        return assemble_rollout(torch.tensor(prompt_ids), torch.tensor(prompt_mask), torch.tensor(completion_ids),
+                                completion_mask, torch.full_like(completion_mask, SOURCE_DATA, dtype=torch.int8),
+                                pad_token_id=0, stats={}, mode="off_policy")  # fmt: skip
+
+    long_prompt, prompt, completion = list(range(6, 8 + pads)), [10, 11], [15, 16, 17, 3]
+    batch = rollout([long_prompt, [0] * pads + prompt], [[1] * len(long_prompt), [0] * pads + [1] * len(prompt)],
+                    [[12, 13, 3, 0], completion], [[1, 1, 1, 0], [1, 1, 1, 1]])  # fmt: skip
+    return batch, rollout([prompt], [[1] * len(prompt)], [completion], [[1] * len(completion)])
 
 
 # LlamaConfig's own special ids, for the models that do not use the tiny tokenizer.

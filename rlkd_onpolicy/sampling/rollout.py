@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .hf import position_ids_from_mask
+
 SOURCE_NONE = -1  # prompt, padding, and tokens after the first EOS
 SOURCE_DATA = 0  # the dataset's completion (off_policy, and the data rows of mixed)
 SOURCE_STUDENT = 1  # sampled by the student (on_policy, mixed, accepted SKD proposals)
@@ -39,6 +41,15 @@ class Rollout:
     def completion_ids(self) -> torch.Tensor:
         """(B, T - P) the completion columns of `sequences`."""
         return self.sequences[:, self.prompt_length :]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword inputs of every forward on `sequences`: input_ids, attention_mask and position_ids (B, T)
+        counted over real tokens only. Generation, evaluation, the cache writer (right padding) and a served teacher
+        (no padding) count positions so; counted from column 0 instead, a left-padded row's pads would shift its
+        positions, which moves models with absolute position embeddings (GPT-2, OPT) off the positions they generate
+        and are evaluated at (RoPE's constant shift cancels, up to rounding)."""
+        return {"input_ids": self.sequences, "attention_mask": self.attention_mask,
+                "position_ids": position_ids_from_mask(self.attention_mask)}  # fmt: skip
 
 
 def first_eos_mask(tokens: torch.Tensor, eos_ids: torch.Tensor | None) -> torch.Tensor:

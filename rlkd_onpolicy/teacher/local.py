@@ -26,7 +26,7 @@ class LocalTeacher:
         """See `Teacher.score`; `example_index` and `step` are not needed (a local forward names no step)."""
         start = rollout.prompt_length
         # Logits at column t predict token t+1: columns P-1 … T-2 predict the completion tokens P … T-1.
-        logits = self.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
+        logits = self.model(**rollout.model_inputs()).logits
         logits = cut_logits(logits[:, start - 1 : -1], self.vocab_size)
         if self.top_k is None:
             return DenseTeacher(logits)

@@ -65,12 +65,11 @@ class StudentLoss:
         # Logits at column t predict token t+1: columns P-1 … T-2 predict the completion tokens P … T-1.
         mask = rollout.completion_mask[:, start:]
         if self.backend != "fused":
-            logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
+            logits = model(**rollout.model_inputs()).logits
             return StudentOutputs(cut_logits(logits[:, start - 1 : -1], self.vocab_size), None, mask)
         # Only the last position's logits are made (the model's forward needs some); the loss reads the final
         # hidden states and the output layer chunk by chunk.
-        outputs = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
-                        output_hidden_states=True, logits_to_keep=1)  # fmt: skip
+        outputs = model(**rollout.model_inputs(), output_hidden_states=True, logits_to_keep=1)
         if not self._head_checked:
             check_fused_head(
                 outputs, *output_layer(head_model, self.vocab_size), self.vocab_size, self.args.loss_backend

@@ -207,7 +207,7 @@ class RLKDTrainer(Trainer):
             loss = self.compute_loss(model, {**inputs, "rollout": rollout})
             if prediction_loss_only:
                 return loss.detach(), None, None
-            logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
+            logits = model(**rollout.model_inputs()).logits
         labels = rollout.sequences.masked_fill(~rollout.completion_mask, -100)
         return loss.detach(), cut_logits(logits, self.vocab_size), labels
 
