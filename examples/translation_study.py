@@ -377,8 +377,8 @@ def orderings_pairs(methods: list[tuple[str, str, str, float]]) -> list[tuple[st
 
 def _write_orderings(ex, output: Path, configs: dict[str, Path], config: Path) -> str:
     """orderings.md: every finished method's row (mean ± 95 % half-width), rollout diagnostics, and the paired
-    differences by question; orderings.json: the runs. Written through a temporary file, since two shells may
-    write it at once."""
+    differences by question; orderings.json: the runs; curves_<loss>.png: the dev curves of each loss's methods.
+    Each written through a temporary file, since two shells may write them at once."""
     rows: dict[str, dict] = {}
     runs: dict[str, list[dict]] = {}
     methods, partial = [], []
@@ -410,6 +410,14 @@ def _write_orderings(ex, output: Path, configs: dict[str, Path], config: Path) -
         text += f"\nPaired differences {title}; runs paired by seed, mean [95 % t interval]:\n\n"
         text += ex.paired_table(runs, pairs) + "\n"
     output.mkdir(parents=True, exist_ok=True)
+    baseline = [name for name, _, mode, _ in methods if mode == ex.SFT_BASELINE]
+    for loss in configs:  # dev MOR@5 and KL against steps, one figure per loss (with the SFT baseline), seed bands
+        names = [name for name, of, mode, _ in methods if of == loss and mode != ex.SFT_BASELINE]
+        if names:
+            temporary = output / f".{os.getpid()}.curves_{loss}.png"
+            ex.plot_curves({name: [r.get("dev") or [] for r in runs[name]] for name in baseline + names}, temporary)
+            temporary.replace(output / f"curves_{loss}.png")
+            text += f"\nDev curves, {loss}: curves_{loss}.png\n"
     report = json.dumps({"rows": rows, "runs": runs}, indent=1, default=str)
     for name, content in (("orderings.md", text), ("orderings.json", report)):
         temporary = output / f".{name}.{os.getpid()}"

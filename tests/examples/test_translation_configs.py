@@ -182,8 +182,9 @@ def test_orderings_report_pairs_each_method_with_its_baselines(tmp_path):
           "off_policy jsd rank=0": [2.5, 2.6, 2.4]}  # fmt: skip
     for loss, config in configs.items():
         cfg = example.parse_args(["--config", str(config)])
+        dev = [{"step": 0, "mor@5": 0.3, "kl": 3.0}, {"step": 30, "mor@5": 0.4, "kl": 2.5}]
         runs = {name: [{"seed": seed, "kl": kl[name][seed], "mor@5": 0.3 + 0.01 * seed, "train_seconds": 60.0,
-                        "diagnostics": {"acceptance_rate": 0.4} if mode == "speculative" else {}}
+                        "dev": dev, "diagnostics": {"acceptance_rate": 0.4} if mode == "speculative" else {}}
                        for seed in cfg.seeds]
                 for name, mode, _ in example.method_names(cfg) if name in kl}  # fmt: skip
         settings = json.loads(json.dumps(example.dataclasses.asdict(cfg)))
@@ -205,3 +206,4 @@ def test_orderings_report_pairs_each_method_with_its_baselines(tmp_path):
     # speculative - off-policy fkl: -0.3 [-0.55, -0.05] nats, lower KL is better
     assert "better" in by_row["speculative fkl rank=0 − off_policy fkl rank=0"].split(" | ")[3]
     assert "on_policy jsd" not in text  # not run: no row, no pair
+    assert all((output / f"curves_{loss}.png").stat().st_size > 1000 for loss in ("fkl", "jsd"))
