@@ -459,6 +459,33 @@ def method_names(cfg: ExampleConfig) -> list[tuple[str, str, float]]:
     return methods
 
 
+def run_order(methods: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+    """The order methods train in: every mode without the ranking loss first (the SFT baseline, then KD in each
+    mode), then each rank weight in turn, modes in the given order; a study stopped part-way then holds the
+    baselines its comparisons need. Tables keep `methods`' order."""
+    return sorted(methods, key=lambda method: method[2])
+
+
+# Settings that choose which runs a --compare makes, not how one trains or is evaluated: runs from an earlier
+# results.json whose other settings are equal are reused (a stopped or extended comparison resumes).
+RUN_SELECTION = ("sampling_modes", "rank_weights", "seeds")
+
+
+def resumable_runs(file: Path, config: dict) -> dict[tuple[str, int], dict]:
+    """The runs of an earlier results.json (`file`) that a comparison with settings `config` can reuse, keyed by
+    (row name, seed): all of them if every setting but RUN_SELECTION is equal, else none (saying which differ)."""
+    if not file.is_file():
+        return {}
+    earlier = json.loads(file.read_text())
+    then, now = (json.loads(json.dumps(c, default=str)) for c in (earlier.get("config") or {}, config))
+    differ = sorted(k for k in then.keys() | now.keys() if k not in RUN_SELECTION and then.get(k) != now.get(k))
+    if differ:
+        print(f"[resume] {file} was made with other settings ({', '.join(differ)}): its runs are not reused and "
+              "it will be replaced", flush=True)  # fmt: skip
+        return {}
+    return {(name, run["seed"]): run for name, seed_runs in (earlier.get("runs") or {}).items() for run in seed_runs}
+
+
 def check_distillation_available() -> None:
     try:
         from rlkd_onpolicy import RLKDConfig, RLKDTrainer  # noqa: F401
@@ -820,35 +847,51 @@ def main(argv: list[str] | None = None) -> dict:
         rows["student before"]["train_seconds"] = student_sft_info["seconds"]
 
     saved = []
+
+    def distill_and_evaluate(name: str, mode: str, weight: float, seed: int) -> dict:
+        announce("distill", f"{name}, seed {seed}: {cfg.distill_steps} steps x {cfg.batch_size}",
+                 distill_seconds(cfg, mode, teacher_units + student_units))
+        torch.manual_seed(seed)
+        student = copy.deepcopy(student_base)
+        dev_points: list[dict] = []
+        callback = make_curve_callback(teacher, tokenizer, data["dev"], cfg, dev_points)
+        t0 = time.perf_counter()
+        history = distill(student, teacher, tokenizer, pairs if mode == SFT_BASELINE else train, cfg,
+                          sampling_mode=mode, rank_weight=weight, seed=seed,
+                          output_dir=output / "checkpoints", callbacks=[callback])  # fmt: skip
+        seconds = time.perf_counter() - t0
+        announce("eval", f"{name}, seed {seed}", eval_seconds * (teacher_units + 3 * student_units) / 8)
+        run = evaluate(student.eval(), tokenizer, data["test"], cfg, teacher=teacher, seen=seen)
+        loss = [(h["step"], h["loss"]) for h in history if "loss" in h]
+        run |= {"train_seconds": seconds, "seed": seed, "loss": loss, "dev": dev_points,
+                "diagnostics": diagnostics(history)}  # fmt: skip
+        if cfg.save_students and seed == cfg.seeds[0]:
+            folder = output / "students" / _slug(name)
+            save_student(student, tokenizer, folder, cfg)
+            saved.append(folder)
+        return run
+
     if methods:
         train = as_dataset(pairs, cfg)
-        for name, mode, weight in methods:
-            for seed in cfg.seeds:
-                announce("distill", f"{name}, seed {seed}: {cfg.distill_steps} steps x {cfg.batch_size}",
-                         distill_seconds(cfg, mode, teacher_units + student_units))
-                torch.manual_seed(seed)
-                student = copy.deepcopy(student_base)
-                dev_points: list[dict] = []
-                callback = make_curve_callback(teacher, tokenizer, data["dev"], cfg, dev_points)
-                t0 = time.perf_counter()
-                history = distill(student, teacher, tokenizer, pairs if mode == SFT_BASELINE else train, cfg,
-                                  sampling_mode=mode, rank_weight=weight, seed=seed,
-                                  output_dir=output / "checkpoints", callbacks=[callback])  # fmt: skip
-                seconds = time.perf_counter() - t0
-                announce("eval", f"{name}, seed {seed}", eval_seconds * (teacher_units + 3 * student_units) / 8)
-                run = evaluate(student.eval(), tokenizer, data["test"], cfg, teacher=teacher, seen=seen)
-                loss = [(h["step"], h["loss"]) for h in history if "loss" in h]
-                run |= {"train_seconds": seconds, "seed": seed, "loss": loss, "dev": dev_points,
-                        "diagnostics": diagnostics(history)}  # fmt: skip
-                runs.setdefault(name, []).append(run)
-                curves.setdefault(name, []).append(dev_points)
-                if cfg.save_students and seed == cfg.seeds[0]:
-                    folder = output / "students" / _slug(name)
-                    save_student(student, tokenizer, folder, cfg)
-                    saved.append(folder)
-                del student
+        earlier = resumable_runs(output / "results.json", results["config"])
+        order = [teacher_name, "student before", *(name for name, _, _ in methods)]
+
+        def add(name: str, run: dict) -> None:
+            runs.setdefault(name, []).append(run)
+            curves.setdefault(name, []).append(run["dev"])
             rows[name] = summarise(runs[name]) if len(runs[name]) > 1 else dict(runs[name][0])
-            write_results(output, rows, runs, methods, results | {"partial": True})  # a long run keeps its rows
+
+        for name, _, _ in methods:  # reused runs first, so that every results.json written below keeps them
+            for seed in cfg.seeds:
+                if (name, seed) in earlier:
+                    print(f"[resume] {name}, seed {seed}: reused from {output}/results.json", flush=True)
+                    add(name, earlier[name, seed])
+        for name, mode, weight in run_order(methods):
+            for seed in cfg.seeds:
+                if (name, seed) not in earlier:
+                    add(name, distill_and_evaluate(name, mode, weight, seed))
+                    rows = {key: rows[key] for key in sorted(rows, key=order.index)}
+                    write_results(output, rows, runs, methods, results | {"partial": True})  # keeps every run
         plot_curves(curves, output / "curves.png")
 
     results["total_seconds"] = time.perf_counter() - start

@@ -15,12 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_quick_preset_distils_the_student_towards_the_teacher(tmp_path):
     out, artifacts = tmp_path / "run", tmp_path / "artifacts"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "distill_translation.py"), "--quick",
-         "--output-dir", str(out), "--artifacts-dir", str(artifacts), "--student-sft-steps", "2",
-         "--sampling-mode", "on_policy", "sft", "--seen-eval-limit", "4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1500,
-    )
+    command = [sys.executable, str(ROOT / "examples" / "distill_translation.py"), "--quick",
+               "--output-dir", str(out), "--artifacts-dir", str(artifacts), "--student-sft-steps", "2",
+               "--sampling-mode", "on_policy", "sft", "--seen-eval-limit", "4"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
@@ -63,3 +61,9 @@ def test_quick_preset_distils_the_student_towards_the_teacher(tmp_path):
     assert isinstance(text, str) and text.strip(), repr(text)
     config = json.loads((saved / "config.json").read_text())
     assert config["num_hidden_layers"] == results["config"]["student_layers"]
+    # run again, the same command: every run is reused from results.json (a stopped comparison resumes), none trains
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert "[distill]" not in again.stdout, again.stdout[-3000:]
+    assert again.stdout.count("[resume]") == sum(len(seed_runs) for seed_runs in results["runs"].values()) == 3
+    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]

@@ -207,3 +207,34 @@ def test_orderings_report_pairs_each_method_with_its_baselines(tmp_path):
     assert "better" in by_row["speculative fkl rank=0 − off_policy fkl rank=0"].split(" | ")[3]
     assert "on_policy jsd" not in text  # not run: no row, no pair
     assert all((output / f"curves_{loss}.png").stat().st_size > 1000 for loss in ("fkl", "jsd"))
+
+
+def test_a_stopped_comparison_reuses_runs_made_with_the_same_settings(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    example = _example()
+    cfg = example.parse_args(["--sampling-mode", "off_policy", "on_policy", "--rank-weight", "0", "2"])
+    config = dataclasses.asdict(cfg)
+    run = {"seed": 1, "bleu": 3.5, "dev": []}
+    file = tmp_path / "results.json"
+    file.write_text(json.dumps({"config": config, "partial": True, "runs": {"off_policy fkl rank=0": [run]}}))
+    assert example.resumable_runs(file, config) == {("off_policy fkl rank=0", 1): run}
+    # which modes, rank weights and seeds run does not matter: the runs that were made are the same runs
+    more = config | {"sampling_modes": ["off_policy", "speculative"], "rank_weights": [0.0], "seeds": [0, 1, 2]}
+    assert example.resumable_runs(file, more) == {("off_policy fkl rank=0", 1): run}
+    # any other setting does: nothing is reused, and the message names the setting
+    assert example.resumable_runs(file, config | {"distill_lr": config["distill_lr"] * 2, "distill_steps": 3}) == {}
+    assert "distill_lr, distill_steps" in capsys.readouterr().out
+    assert example.resumable_runs(tmp_path / "absent.json", config) == {}
+
+
+def test_methods_without_the_ranking_loss_train_first():
+    example = _example()
+    cfg = example.parse_args(["--sampling-mode", "sft", "off_policy", "on_policy", "--rank-weight", "0", "2"])
+    methods = example.method_names(cfg)
+    assert [name for name, _, _ in methods][:3] == ["sft baseline (no teacher)", "off_policy fkl rank=0",
+                                                    "off_policy fkl rank=2"]  # tables: mode by mode
+    assert [name for name, _, _ in example.run_order(methods)] == [
+        "sft baseline (no teacher)", "off_policy fkl rank=0", "on_policy fkl rank=0",
+        "off_policy fkl rank=2", "on_policy fkl rank=2"]  # fmt: skip
