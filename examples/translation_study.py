@@ -328,8 +328,8 @@ def orderings(args) -> None:
     """The sampling modes (supervised KD, on-policy, mixed, speculative) x losses x rank weights from the same
     supervised student, seeds paired: GKD's and SKD's orderings (issue 13). Runs each loss of the plan named by
     --loss (all by default, in the plan's order; runs already made are reused, so a stopped study resumes and two
-    shells can run two losses side by side), then writes <output_dir>/orderings.md and orderings.json from every loss's results, partial ones included
-    (--report-only: only that)."""
+    shells can run two losses side by side), then writes <output_dir>/orderings.md and orderings.json from every
+    loss's results, partial ones included (--report-only: only that)."""
     ex = _example()
     configs, output = orderings_plan(ex, args.config)
     unknown = sorted(set(args.loss or []) - set(configs))
