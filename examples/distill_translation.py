@@ -68,8 +68,24 @@ class ExampleConfig:
     max_length: int = field(default=192, metadata={"help": "Max prompt + completion tokens in training."})
     max_prompt_length: int = field(default=128, metadata={"help": "Max prompt tokens (chat template included)."})
     # student
-    student: str | None = field(default=None, metadata={"help": "Student model (same tokenizer); default: cut."})
-    student_layers: int = field(default=15, metadata={"help": "Teacher layers kept in the student."})
+    student: str | None = field(default=None, metadata={"help": "Student model (same tokenizer); default: pruned."})
+    student_pruning: str = field(
+        default="width", metadata={"help": "How the student is made from the teacher: 'width' keeps the MLP "
+                                           "neurons (and heads, embedding channels when set below) with the largest "
+                                           "activations on calibration_pairs training pairs (Minitron; "
+                                           "rlkd_onpolicy.pruning); 'depth' keeps student_layers of its layers."},
+    )  # fmt: skip
+    student_intermediate_size: int | None = field(
+        default=512, metadata={"help": "width: MLP neurons kept per layer (SmolLM2: 1536); null: all."}
+    )
+    student_num_attention_heads: int | None = field(
+        default=None, metadata={"help": "width: query heads kept, whole key/value groups (SmolLM2: 9 in 3); null: all."}
+    )
+    student_hidden_size: int | None = field(
+        default=None, metadata={"help": "width: embedding channels kept (SmolLM2: 576; a multiple of the heads)."}
+    )
+    calibration_pairs: int = field(default=64, metadata={"help": "width: training pairs that rank the units."})
+    student_layers: int = field(default=15, metadata={"help": "depth: teacher layers kept in the student."})
     student_layer_choice: str = field(
         default="bottom", metadata={"help": "Which teacher layers the student keeps: 'even' (evenly spaced, first and "
                                           "last included) or 'bottom' (the first student_layers - 2 and the last 2)."},
@@ -130,7 +146,7 @@ class ExampleConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
         for name in ("sft_batch_size", "batch_size", "max_length", "rank_k", "teacher_top_k", "max_new_tokens",
                      "student_layers", "curve_every", "eval_batch_size", "eval_max_new_tokens", "dev_limit",
-                     "max_prompt_length"):  # fmt: skip
+                     "max_prompt_length", "calibration_pairs"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
         if self.seen_eval_limit < 0:
@@ -138,6 +154,11 @@ class ExampleConfig:
         for name in ("max_chars", "train_limit", "test_limit", "distill_pairs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1 or null (no limit).")
+        if self.student_pruning not in STUDENT_PRUNINGS:
+            raise ValueError(f"student_pruning={self.student_pruning!r} must be one of {STUDENT_PRUNINGS}.")
+        for name in ("student_intermediate_size", "student_num_attention_heads", "student_hidden_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 or null (the teacher's).")
         if self.student_layer_choice not in STUDENT_LAYER_CHOICES:
             raise ValueError(f"student_layer_choice={self.student_layer_choice!r} must be one of "
                              f"{sorted(STUDENT_LAYER_CHOICES)}.")  # fmt: skip
@@ -162,8 +183,10 @@ class ExampleConfig:
 
     def student_key(self) -> str:
         """Hash of the teacher's settings and every setting that changes the fine-tuned student."""
-        settings = {k: getattr(self, k) for k in ("student", "student_layers", "student_layer_choice",
-                                                     "student_sft_steps", "student_lr")}  # fmt: skip
+        keys = ("student", "student_pruning", "student_sft_steps", "student_lr")
+        width = ("student_intermediate_size", "student_num_attention_heads", "student_hidden_size", "calibration_pairs")
+        keys += width if self.student_pruning == "width" else ("student_layers", "student_layer_choice")
+        settings = {k: getattr(self, k) for k in keys}
         settings["teacher"] = self.teacher_key()
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -172,7 +195,8 @@ class ExampleConfig:
 # on a fresh clone (teacher SFT 8.5 min and student SFT 2 min, then cached for later runs). Measurements:
 # docs/example_translation.md.
 QUICK = dict(
-    train_limit=512, test_limit=16, dev_limit=8, max_chars=120, teacher_sft_steps=12, student_layers=6,
+    train_limit=512, test_limit=16, dev_limit=8, max_chars=120, teacher_sft_steps=12, student_intermediate_size=128,
+    student_num_attention_heads=3,
     student_sft_steps=4, distill_steps=8, rank_weights=[0.0, 2.0], batch_size=4, max_new_tokens=32, curve_every=4,
     eval_max_new_tokens=48, max_length=160, max_prompt_length=96,
 )  # fmt: skip
@@ -243,6 +267,24 @@ def _read_yaml(path: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------ data
 STUDENT_LAYER_CHOICES = ("even", "bottom")
+STUDENT_PRUNINGS = ("width", "depth")
+
+
+def make_student(cfg: ExampleConfig, teacher, tokenizer, train: list[dict]):
+    """The student before its warm start: the teacher pruned in width by activation importance on
+    `calibration_pairs` training pairs, read as the student will read them (chat template included), or a cut of its
+    layers. How the default was chosen: docs/example_translation.md, "How the student is made"."""
+    from rlkd_onpolicy.pruning import calibration_batches, prune, student_from_teacher
+
+    if cfg.student_pruning == "depth":
+        return student_from_teacher(teacher, student_layers(cfg, teacher.config.num_hidden_layers))
+    from rlkd_onpolicy.data.parallel import to_prompt_completion
+
+    pairs = evenly_spaced(train, cfg.calibration_pairs)
+    examples = to_prompt_completion(pairs, cfg.src, cfg.tgt, instruction_role=cfg.instruction_role)
+    batches = calibration_batches(tokenizer, examples, max_length=cfg.max_length)
+    return prune(teacher, batches, intermediate_size=cfg.student_intermediate_size,
+                 num_attention_heads=cfg.student_num_attention_heads, hidden_size=cfg.student_hidden_size)
 
 
 def student_layers(cfg: ExampleConfig, teacher_layers: int) -> tuple[int, ...]:
@@ -689,6 +731,8 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
 SECONDS = {"sft_step": 0.14, "distill_step": 0.19, "eval_verse": 0.06}  # per layer unit, batch 8 / per verse
 MODE_COST = {"speculative": 2.5, "off_policy": 0.5, "sft": 0.4}  # x an on-policy step; the other modes 1
 HEAD_UNITS = 8
+# A width-pruned student's cost as a share of the teacher's, by its MLP width (to be measured on its fresh-clone run).
+WIDTH_COST = {512: 0.7}
 
 
 def layer_units(layers: int) -> int:
@@ -752,7 +796,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     import torch
 
-    from rlkd_onpolicy.models import load_model_and_tokenizer, student_from_teacher
+    from rlkd_onpolicy.models import load_model_and_tokenizer
 
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -771,7 +815,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.student is not None:
         student_base, _ = load_model_and_tokenizer(cfg.student)
     teacher_units = 30 + HEAD_UNITS  # SmolLM2-135M; refined once the teacher is loaded
-    student_units = layer_units(cfg.student_layers)
+    student_units = (layer_units(cfg.student_layers) if cfg.student_pruning == "depth"
+                     else teacher_units * WIDTH_COST.get(cfg.student_intermediate_size, 1.0))  # fmt: skip
     teacher_folder = Path(cfg.artifacts_dir) / f"teacher-{cfg.teacher_key()}"
     student_folder = Path(cfg.artifacts_dir) / f"student-{cfg.student_key()}"
     eval_seconds = SECONDS["eval_verse"] * len(data["test"])
@@ -794,7 +839,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher.to(device).eval()
     if student_base is None:
-        student_base = student_from_teacher(teacher, student_layers(cfg, teacher.config.num_hidden_layers))
+        student_base = make_student(cfg, teacher, tokenizer, data["train"])
     elif student_base.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(
             f"--student {cfg.student} has vocab_size {student_base.config.vocab_size}, the teacher "
@@ -812,9 +857,10 @@ def main(argv: list[str] | None = None) -> dict:
     student_base.to(device).eval()
     n_params = sum(p.numel() for p in student_base.parameters())
     t_params = sum(p.numel() for p in teacher.parameters())
-    print(f"[student] {n_params / 1e6:.1f}M parameters, {student_base.config.num_hidden_layers} layers "
-          f"(teacher {t_params / 1e6:.1f}M, {teacher.config.num_hidden_layers} layers: {t_params / n_params:.2f}x "
-          "smaller)")  # fmt: skip
+    shape = ", ".join(f"{name} {getattr(student_base.config, name)}/{getattr(teacher.config, name)}"
+                      for name in ("num_hidden_layers", "intermediate_size", "num_attention_heads", "hidden_size"))
+    print(f"[student] {n_params / 1e6:.1f}M parameters ({shape} of the teacher's; teacher {t_params / 1e6:.1f}M: "
+          f"{t_params / n_params:.2f}x smaller)")  # fmt: skip
 
     rows: dict[str, dict] = {}
     runs: dict[str, list[dict]] = {}

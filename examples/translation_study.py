@@ -4,6 +4,8 @@
     .venv/bin/python examples/translation_study.py teacher --pairs en-fr fr-en es-en --steps 150 --eval-at 50 100 150
     # students: depth x SFT warm start, each distilled and beside the SFT baseline (same steps, batch, lr)
     .venv/bin/python examples/translation_study.py student --pair fr-en --layers 10 12 15 --warm-steps 0 60
+    # students of the same size by depth or width pruning: at pruning, after the warm start (docs/pruning.md)
+    .venv/bin/python examples/translation_study.py pruning --students depth-15 mlp-512 heads-6+mlp-680
     # why the ranking loss does (not) move the student: soft-rank diagnostics on a teacher/student pair
     .venv/bin/python examples/translation_study.py rank-diagnosis --teacher artifacts/teacher-<hash> \
         --student artifacts/student-<hash> --strengths 0.1 1 10
@@ -124,6 +126,48 @@ def student_study(args) -> None:
                     **{k: row.get(k) for k in ("bleu", "chrf", "kl", "kl_own", "mor@5", "cr@1")},
                     "bleu_gain": None if method == "student before" else row["bleu"] - before["bleu"],
                     "flags": flags,
+                })  # fmt: skip
+
+
+# Students of about the depth cut's 81.4M parameters, made four ways (the MLP takes what the other cuts leave).
+STUDENTS = {
+    "depth-15": ["--student-pruning", "depth", "--student-layers", "15"],
+    "mlp-512": ["--student-pruning", "width", "--student-intermediate-size", "512"],
+    "heads-6+mlp-680": ["--student-pruning", "width", "--student-num-attention-heads", "6",
+                        "--student-intermediate-size", "680"],
+    "hidden-504+mlp-736": ["--student-pruning", "width", "--student-hidden-size", "504",
+                           "--student-intermediate-size", "736"],
+    "heads-6+hidden-504+mlp-904": ["--student-pruning", "width", "--student-num-attention-heads", "6",
+                                   "--student-hidden-size", "504", "--student-intermediate-size", "904"],
+}  # fmt: skip
+
+
+def pruning_study(args) -> None:
+    """For each way of making the student: its metrics at pruning (no training), after the warm start, and, with
+    --distill-steps > 0, after each requested method (the SFT baseline included). One row per stage and method."""
+    ex = _example()
+    for name in args.students:
+        base = [*STUDENTS[name], "--test-limit", str(args.test_limit), "--seed", *map(str, args.seeds),
+                "--save-students", "false", "--artifacts-dir", str(args.artifacts_dir), *args.extra]  # fmt: skip
+        stages = [("at pruning", ["--student-sft-steps", "0", "--skip-distill"]),
+                  ("warm start", ["--student-sft-steps", str(args.warm_steps), "--skip-distill"])]  # fmt: skip
+        if args.distill_steps:
+            stages.append(("distilled", ["--student-sft-steps", str(args.warm_steps), "--distill-steps",
+                                         str(args.distill_steps), "--sampling-mode", *args.modes]))  # fmt: skip
+        for stage, flags in stages:
+            flags = [*base, *flags, "--output-dir", str(args.out.parent / f"{name}-{stage.replace(' ', '-')}")]
+            print("[study]", " ".join(flags), flush=True)
+            start = time.perf_counter()
+            results = ex.main(flags)
+            for method, row in results["rows"].items():
+                if method.startswith("teacher") or (stage == "distilled" and method == "student before"):
+                    continue
+                _append(args.out, {
+                    "study": "pruning", "student": name, "stage": stage, "method": method,
+                    "parameters": results["student_parameters"], "warm_steps": args.warm_steps,
+                    "warm_seconds": (results["student_sft"] or {}).get("seconds", 0.0),
+                    "train_seconds": row.get("train_seconds"), "wall_seconds": time.perf_counter() - start,
+                    **{k: row.get(k) for k in ("bleu", "chrf", "kl", "kl_own", "mor@5", "cr@1")}, "flags": flags,
                 })  # fmt: skip
 
 
@@ -467,6 +511,14 @@ def main(argv=None) -> None:
     student.add_argument("--modes", nargs="+", default=["sft", "off_policy", "on_policy"])
     student.add_argument("--seeds", type=int, nargs="+", default=[0])
     student.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More flags for the example.")
+    pruned = sub.add_parser("pruning", help="Students made by depth or width pruning: at pruning, warm, distilled.")
+    pruned.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    pruned.add_argument("--warm-steps", type=int, default=30)
+    pruned.add_argument("--distill-steps", type=int, default=0, help="0: stop after the warm start.")
+    pruned.add_argument("--modes", nargs="+", default=["off_policy", "sft"])
+    pruned.add_argument("--test-limit", type=int, default=50)
+    pruned.add_argument("--seeds", type=int, nargs="+", default=[0])
+    pruned.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More flags for the example.")
     diagnosis = sub.add_parser("rank-diagnosis", help="Soft-rank diagnostics of the ranking loss on dev verses.")
     diagnosis.add_argument("--teacher", type=Path, required=True)
     diagnosis.add_argument("--student", type=Path, required=True)
@@ -484,7 +536,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/study/study.jsonl"))
     parser.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
     args = parser.parse_args(argv)
-    {"teacher": teacher_study, "student": student_study, "rank-diagnosis": rank_diagnosis,
+    {"teacher": teacher_study, "student": student_study, "pruning": pruning_study, "rank-diagnosis": rank_diagnosis,
      "ablation": ablation, "orderings": orderings}[args.study](args)  # fmt: skip
 
 

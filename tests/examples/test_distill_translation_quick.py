@@ -1,5 +1,5 @@
 """The translation example end to end with its --quick preset: real Bible verses, the embedded SmolLM2 teacher
-(briefly fine-tuned), a 6-layer student, RLKDTrainer, sacrebleu. About 5 minutes on 2 CPU cores."""
+(briefly fine-tuned), a student pruned from it in width, RLKDTrainer, sacrebleu. About 5 minutes on 2 CPU cores."""
 
 import json
 import math
@@ -60,7 +60,9 @@ def test_quick_preset_distils_the_student_towards_the_teacher(tmp_path):
     text = translate(verse)
     assert isinstance(text, str) and text.strip(), repr(text)
     config = json.loads((saved / "config.json").read_text())
-    assert config["num_hidden_layers"] == results["config"]["student_layers"]
+    # the preset's student is the teacher pruned in width (MLP 128 of 1536, one key/value group of 3), all 30 layers
+    assert (config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (128, 3, 1)
+    assert config["num_hidden_layers"] == 30 and results["config"]["student_pruning"] == "width"
     # run again, the same command: every run is reused from results.json (a stopped comparison resumes), none trains
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
