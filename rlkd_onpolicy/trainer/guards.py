@@ -19,6 +19,27 @@ def check_teachers(teacher_model, args: RLKDConfig) -> None:
                          "teacher_model=None to distil from the server, or leave teacher_server unset.")  # fmt: skip
 
 
+def check_separate_teacher(model, teacher_model) -> None:
+    """The teacher must be another model than the student: the trainer freezes the teacher (requires_grad=False),
+    which would freeze the student too. Checked before anything touches either model."""
+    if teacher_model is None or isinstance(teacher_model, str) or isinstance(model, str):
+        return
+    if teacher_model is model:
+        raise ValueError(f"teacher_model and model are the same object ({type(model).__name__}): the teacher is "
+                         "frozen for inference, so the student would not train. Pass a separate teacher model (e.g. "
+                         "loaded with from_pretrained).")  # fmt: skip
+    def storage(p):  # 0 for meta tensors and partitioned ZeRO-3 shells, which share nothing
+        return p.untyped_storage().data_ptr() if p.numel() > 0 and p.device.type != "meta" else 0
+
+    student_storage = {storage(p) for p in model.parameters()} - {0}
+    shared = [name for name, p in teacher_model.named_parameters() if storage(p) in student_storage]
+    if shared:
+        raise ValueError(f"teacher_model shares {len(shared)} parameter tensor(s) with model (e.g. {shared[0]!r}): "
+                         "freezing the teacher would freeze them in the student, and training the student would "
+                         "change the teacher. Pass a teacher with its own weights (copy.deepcopy it, or load it with "
+                         "from_pretrained).")  # fmt: skip
+
+
 def check_same_tokenizer(tokenizer, teacher_name_or_path: str) -> None:
     """A teacher given by name brings its own tokenizer: it must be the student's, or the distillation is void."""
     try:

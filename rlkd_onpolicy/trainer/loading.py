@@ -16,6 +16,7 @@ from rlkd_onpolicy.trainer.guards import (
     check_cache_vocabulary,
     check_own_forward,
     check_same_tokenizer,
+    check_separate_teacher,
     check_teachers,
     open_cache,
 )
@@ -45,6 +46,7 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
     datasets), then the models are loaded and checked, then the datasets tokenised (and held against the cache)."""
     teacher_model = teacher_from_args(teacher_model, args)
     check_teachers(teacher_model, args)
+    check_separate_teacher(model, teacher_model)  # before anything sets requires_grad on either
     check_output_dir_writable(args.output_dir)
     tokenizer = resolve_tokenizer(model, processing_class)
     cache = None
