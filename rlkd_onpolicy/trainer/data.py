@@ -49,6 +49,37 @@ def tokenize_dataset(dataset, tokenizer, args: RLKDConfig, name: str):
                        desc="Tokenizing prompt–completion pairs")  # fmt: skip
 
 
+def check_map_style(dataset, name: str) -> None:
+    """Refuse a streaming `IterableDataset`: the trainer tokenises a dataset once, up front, and checks it whole
+    (columns, lengths, a cache's hashes), which needs its length and random access."""
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset | datasets.IterableDatasetDict):
+        raise ValueError(f"{name} is an IterableDataset (streaming=True): RLKDTrainer tokenises and checks the whole "
+                         "dataset before training, which needs its length. Load it without streaming (e.g. "
+                         "load_dataset(..., split='train')), or materialise the part you need: "
+                         "Dataset.from_list(list(dataset.take(n))).")  # fmt: skip
+
+
+def is_tokenized(dataset) -> bool:
+    """Whether `dataset` is already one `tokenize_dataset` made (prompt_ids and completion_ids columns)."""
+    columns = getattr(dataset, "column_names", None) or []
+    return "prompt_ids" in columns and "completion_ids" in columns
+
+
+def prepare_dataset(dataset, tokenizer, args: RLKDConfig, name: str):
+    """A prompt–completion dataset (a `Dataset` or a list of dicts) checked and tokenised, as the constructor does
+    for train_dataset and eval_dataset and `evaluate(eval_dataset=...)` for a dataset given there; one already
+    tokenised is returned as it is."""
+    from rlkd_onpolicy.data.prompt_completion import validate_prompt_completion_dataset
+
+    check_map_style(dataset, name)
+    if is_tokenized(dataset):
+        return dataset
+    validate_prompt_completion_dataset(dataset, name)
+    return tokenize_dataset(dataset, tokenizer, args, name)
+
+
 def tokenized_examples(dataset):
     """The `TokenizedExample`s of a dataset `tokenize_dataset` made, in order."""
     return (TokenizedExample(p, c) for p, c in zip(dataset["prompt_ids"], dataset["completion_ids"], strict=True))

@@ -197,9 +197,7 @@ def test_9_eval_metrics_do_not_depend_on_the_eval_batch_size(tmp_path):
         trainer = _trainer(tmp_path, eval_dataset=tiny_pairs(8, seed=5), sampling_mode="off_policy",
                            per_device_eval_batch_size=batch_size)
         results.append(trainer.evaluate())
-    keys = [k for k in results[0] if k.split("_", 1)[1] in ("loss", "kd_loss", "rank_loss", "cr@1", "mor@3",
-                                                                "completion_tokens")]
-    assert len(keys) == 6
+    keys = [f"eval_{k}" for k in ("loss", "kd_loss", "rank_loss", "cr@1", "mor@3", "completion_tokens")]
     for key in keys:
         values = [r[key] for r in results]
         assert max(values) - min(values) <= 1e-5 * max(1.0, abs(values[0])), (key, values)
