@@ -268,7 +268,9 @@ def _speculative_decode(student, teacher, input_ids, attention_mask, row_seeds, 
         done |= n_out >= max_new_tokens
         mask[:, col : col + d] = (offsets < n_emit[:, None]).long()  # rejected columns become holes
         last = emitted.gather(1, (n_emit - 1)[:, None]).squeeze(1)
-        pos = pos + n_emit
+        # A finished row stops advancing (it emits nothing more), so no row's draft position passes P + N + D - 3: a
+        # model with absolute positions (GPT-2) needs P + N + D - 2 of them, which the trainer checks.
+        pos = torch.where(done, pos, pos + n_emit)
         col += d
         rounds += 1
         if bool(done.all()):  # one host sync per round of D + 1 forward passes

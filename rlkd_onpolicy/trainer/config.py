@@ -187,16 +187,20 @@ class RLKDConfig(TrainingArguments):
     max_prompt_length: int | None = field(
         default=512, metadata={"help": "Prompts keep their last max_prompt_length tokens (the end is what matters)."}
     )
-    model_init_kwargs: dict[str, Any] | None = field(
-        default=None, metadata={"help": "kwargs for from_pretrained when `model` is a name or path."}
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "kwargs for from_pretrained when `model` is a name or path; on the command line a JSON "
+                          "object, e.g. '{\"dtype\": \"bfloat16\"}'."},
     )
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "TRL's field: the teacher as a hub name or local path, used when RLKDTrainer gets no "
                           "teacher_model (one given as a different string is refused)."},
     )
-    teacher_model_init_kwargs: dict[str, Any] | None = field(
-        default=None, metadata={"help": "kwargs for from_pretrained when `teacher_model` is a name or path."}
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "kwargs for from_pretrained when `teacher_model` is a name or path; on the command line a "
+                          "JSON object, as model_init_kwargs."},
     )
     disable_dropout: bool = field(
         default=True,
@@ -224,11 +228,19 @@ class RLKDConfig(TrainingArguments):
     # Our columns are prompt/completion strings, tokenised by the trainer: keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the prompt/completion columns."})
 
+    # As in TRL (`dict | str` fields): TrainingArguments.__post_init__ parses a JSON object given as a string (the
+    # command line's `--model_init_kwargs '{"dtype": "bfloat16"}'`) into a dict.
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "teacher_model_init_kwargs"]
+
     def __post_init__(self):
         self._resolve_trl_fields()
         self._check()
         self._bf16_where_supported()
         super().__post_init__()
+        for name in ("model_init_kwargs", "teacher_model_init_kwargs"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                self._fail(name, getattr(self, name), "give a dict, or on the command line a JSON object such as "
+                           '\'{"dtype": "bfloat16"}\'.')
 
     @staticmethod
     def _fail(name: str, value: Any, rule: str) -> None:

@@ -10,11 +10,18 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from rlkd_onpolicy.data.prompt_completion import validate_prompt_completion_dataset
 from rlkd_onpolicy.teacher import CachedTeacher, LocalTeacher, Teacher
 from rlkd_onpolicy.trainer.config import RLKDConfig, check_against_vocabulary
-from rlkd_onpolicy.trainer.data import check_map_style, resolve_tokenizer, tokenize_dataset, tokenized_examples
+from rlkd_onpolicy.trainer.data import (
+    check_completion_tokens,
+    check_map_style,
+    resolve_tokenizer,
+    tokenize_dataset,
+    tokenized_examples,
+)
 from rlkd_onpolicy.trainer.deepspeed import prepare_teacher
 from rlkd_onpolicy.trainer.guards import (
     check_cache_vocabulary,
     check_own_forward,
+    check_positions,
     check_same_tokenizer,
     check_separate_teacher,
     check_teachers,
@@ -81,6 +88,11 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
                         for key, dataset in eval_dataset.items()}  # fmt: skip
     elif eval_dataset is not None:
         eval_dataset = tokenize_dataset(eval_dataset, tokenizer, args, "eval_dataset")
+    mode = "off_policy" if cache is not None else args.sampling_mode  # with a cache: the cached sequences
+    check_completion_tokens(train_dataset, args, mode)
+    evaluated = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+    models = {"model": model, "teacher_model": teacher} if teacher is not None else {"model": model}
+    check_positions(models, args, mode, [train_dataset] + [d for d in evaluated if d is not None])
     return Loaded(model, teacher, tokenizer, vocab_size, cache, served, train_dataset, eval_dataset)
 
 

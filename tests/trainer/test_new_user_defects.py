@@ -155,8 +155,9 @@ def test_6_sequences_longer_than_absolute_positions_are_refused_naming_the_field
                  max_prompt_length=100, max_length=120)
     with pytest.raises(ValueError, match=r"teacher_model .*n_positions=64.*max_new_tokens=200"):
         _trainer(tmp_path, teacher=tiny_gpt2(64, seed=1), sampling_mode="on_policy", max_new_tokens=200)
-    with pytest.raises(ValueError, match=r"n_positions=64.*max_length"):
-        _trainer(tmp_path, student=tiny_gpt2(64, seed=2), train=long_prompts, sampling_mode="off_policy",
+    medium = [{"prompt": "translate " + "the cat " * 40, "completion": "le chat"}] * 4  # 81 + 3 tokens
+    with pytest.raises(ValueError, match=r"n_positions=64.*up to 84 tokens \(max_length=100\)"):
+        _trainer(tmp_path, student=tiny_gpt2(64, seed=2), train=medium, sampling_mode="off_policy",
                  max_prompt_length=None, max_length=100)
     # within its positions a GPT-2 trains (RoPE models such as Llama have no such limit and are not checked)
     trainer = _trainer(tmp_path, student=tiny_gpt2(64, seed=2), sampling_mode="on_policy", max_new_tokens=8)
