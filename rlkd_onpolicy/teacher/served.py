@@ -73,12 +73,14 @@ class ServerOptions:
     rows_per_request: int = 4
 
     def __post_init__(self):
-        if not self.timeout > 0:
-            raise ValueError(f"timeout={self.timeout} must be > 0 seconds.")
+        if not self.timeout > 0 or not math.isfinite(self.timeout):
+            raise ValueError(f"timeout={self.timeout} must be > 0 seconds (and finite).")
         if not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"retries={self.retries!r} must be an int >= 0 (0: one attempt, no retry).")
-        if self.backoff < 0 or self.max_backoff < self.backoff:
-            raise ValueError(f"backoff={self.backoff} and max_backoff={self.max_backoff} need 0 <= backoff <= max.")
+        # written so that NaN fails (every comparison with NaN is False); inf waits forever
+        if not (0 <= self.backoff <= self.max_backoff) or not math.isfinite(self.max_backoff):
+            raise ValueError(f"backoff={self.backoff} and max_backoff={self.max_backoff} need finite "
+                             "0 <= backoff <= max_backoff (seconds).")
         for name in ("max_concurrency", "rows_per_request"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -14,6 +14,11 @@ def check_teachers(teacher_model, args: RLKDConfig) -> None:
         raise ValueError("teacher_model is required (a causal LM or a name/path, or "
                          "args.teacher_model_name_or_path) unless args.teacher_cache or args.teacher_server is "
                          "set.")  # fmt: skip
+    if teacher_model is not None and not isinstance(teacher_model, str) and args.teacher_cache is not None:
+        raise ValueError(f"teacher_model is a model object and args.teacher_cache={args.teacher_cache!r}: the cache "
+                         "stands for the teacher, so the model would be ignored. Pass teacher_model=None (or the "
+                         "teacher's name, which is checked against the cache), or leave teacher_cache unset to "
+                         "distil from the model.")  # fmt: skip
     if teacher_model is not None and args.teacher_server is not None:
         raise ValueError(f"teacher_model and args.teacher_server={args.teacher_server!r} are two teachers: pass "
                          "teacher_model=None to distil from the server, or leave teacher_server unset.")  # fmt: skip

@@ -12,11 +12,13 @@ So gradient accumulation and data parallelism give exactly the gradient of one b
 atomically and hold the rollout generator too (reliability.py; guarantees and tests in docs/reliability.md).
 """
 
+import os
 import warnings
 from collections import defaultdict
 
 import torch
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerState
+from transformers.trainer_utils import get_last_checkpoint
 
 from rlkd_onpolicy.losses import DistillationLoss
 from rlkd_onpolicy.metrics import topk_agreement, topk_overlap_from_ids, topk_overlap_metrics
@@ -26,7 +28,10 @@ from rlkd_onpolicy.trainer.config import RLKDConfig
 from rlkd_onpolicy.trainer.data import PromptCompletionCollator, prepare_dataset
 from rlkd_onpolicy.trainer.loading import load_and_check, placed_teacher, scoring_teacher
 from rlkd_onpolicy.trainer.reliability import (
+    TRAINER_STATE_NAME,
     NonFiniteGuard,
+    checkpoint_errors,
+    checkpoint_files,
     remove_staging_folders,
     restore_rollout_generator,
     rollout_rng_file,
@@ -236,7 +241,32 @@ class RLKDTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         # Before `resume_from_checkpoint=True` looks for the last checkpoint: drop what a killed save left behind.
         remove_staging_folders(self.args.output_dir, self.accelerator, self.args.should_save)
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str) and os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+            with checkpoint_errors(checkpoint, [TRAINER_STATE_NAME], "the training state"):
+                TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    # Each of Trainer's readers, so that a damaged file is named with the fix (reliability.checkpoint_errors).
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        files = checkpoint_files(resume_from_checkpoint, "model*.safetensors*", "pytorch_model*.bin*", "adapter_model*")
+        with checkpoint_errors(resume_from_checkpoint, files, "the model weights"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        files = checkpoint_files(checkpoint, "optimizer.pt", "scheduler.pt", "scaler.pt")
+        with checkpoint_errors(checkpoint, files, "the optimizer and scheduler states"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_rng_state(self, checkpoint):
+        if checkpoint is None:
+            return super()._load_rng_state(checkpoint)
+        with checkpoint_errors(checkpoint, checkpoint_files(checkpoint, "rng_state*.pth"), "the RNG states"):
+            return super()._load_rng_state(checkpoint)
 
     def _save_checkpoint(self, model, trial) -> None:
         save_checkpoint_atomically(self, trial)

@@ -219,3 +219,93 @@ def test_10_remove_unused_columns_is_forced_off_as_gkd_trainer_does(tmp_path):
 def test_teacher_model_is_trls_name_for_the_teacher(tmp_path):
     trainer = _trainer(tmp_path)
     assert trainer.teacher_model is trainer.teacher is not None
+
+
+# -- the smaller things of issue 31 ---------------------------------------------------------------------------------
+
+
+def test_a_teacher_model_object_beside_a_teacher_cache_is_refused(tmp_path, cache_dir):
+    with pytest.raises(ValueError, match=r"teacher_model is a model object and args.teacher_cache="):
+        _trainer(tmp_path, teacher=tiny_teacher(), teacher_cache=str(cache_dir), sampling_mode="off_policy")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("teacher_server_backoff", float("nan"), "teacher_server_backoff=nan is invalid"),  # no server: still checked
+        ("teacher_server_timeout", float("inf"), "teacher_server_timeout=inf is invalid"),
+        ("learning_rate", float("nan"), "learning_rate=nan is invalid"),  # used to fail inside train()
+        ("gradient_accumulation_steps", 0, "gradient_accumulation_steps=0 is invalid"),
+        ("model_init_kwargs", "dtype=bfloat16", "model_init_kwargs='dtype=bfloat16' is invalid"),
+    ],
+)
+def test_config_refuses_what_used_to_fail_inside_train(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        _args(tmp_path, **{field: value})
+
+
+def test_max_new_tokens_0_is_fine_in_off_policy_and_refused_where_it_generates(tmp_path):
+    assert _args(tmp_path, sampling_mode="off_policy", max_new_tokens=0).max_new_tokens == 0
+    with pytest.raises(ValueError, match="max_new_tokens=0 is invalid"):
+        _args(tmp_path, sampling_mode="on_policy", max_new_tokens=0)
+
+
+def test_the_default_max_prompt_length_follows_a_shorter_max_length(tmp_path):
+    with pytest.warns(UserWarning, match="max_length // 2 = 96"):
+        args = RLKDConfig(output_dir=str(tmp_path), max_length=192)
+    assert args.max_prompt_length == 96
+    with pytest.raises(ValueError, match="max_prompt_length=200 is invalid: it must be < max_length=192"):
+        RLKDConfig(output_dir=str(tmp_path), max_length=192, max_prompt_length=200)  # one the user set: refused
+
+
+def test_missing_cache_error_names_the_path(tmp_path):
+    from rlkd_onpolicy.cache import TeacherCache
+
+    with pytest.raises(ValueError, match=r"--out .*no-cache`") as error:
+        TeacherCache.open(str(tmp_path / "no-cache"))
+    assert "{path}" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "damaged, what",
+    [
+        ("model.safetensors", "the model weights"),
+        ("rollout_rng_state_0.pth", "the rollout generator's state"),
+        ("trainer_state.json", "the training state"),
+        ("optimizer.pt", "the optimizer and scheduler states"),
+    ],
+)
+def test_a_damaged_checkpoint_file_is_named_on_resume(tmp_path, damaged, what):
+    trainer = _trainer(tmp_path, sampling_mode="off_policy", save_strategy="steps", save_steps=1)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    (checkpoint / damaged).write_bytes(b"not what was saved")
+    resumed = _trainer(tmp_path, sampling_mode="off_policy", save_strategy="steps", save_steps=1, max_steps=2)
+    with pytest.raises(ValueError, match=rf"checkpoint-1: {what} \(.*{damaged}.*\) could not be read") as error:
+        resumed.train(resume_from_checkpoint=True)
+    assert "weights_only=False" not in str(error.value)
+
+
+def test_an_all_minus_inf_teacher_row_gives_a_finite_loss_and_gradient():
+    from rlkd_onpolicy.losses import distillation_loss
+
+    torch.manual_seed(0)
+    student = torch.randn(2, 3, 16, requires_grad=True)
+    teacher = torch.randn(2, 3, 16)
+    teacher[0, 1] = float("-inf")  # every token suppressed
+    out = distillation_loss(student, teacher, loss="jsd", rank_weight=2.0, rank_k=3, reduction="sum")
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(student.grad).all() and int(out.num_tokens) == 5
+    assert student.grad[0, 1].abs().sum() == 0  # the row counts as masked
+    ids, logprobs = teacher.topk(4).indices, torch.randn(2, 3, 4).log_softmax(-1)
+    logprobs[1, 2] = float("-inf")
+    sparse = distillation_loss(student, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs, rank_k=3)
+    assert torch.isfinite(sparse.loss)
+
+
+@pytest.mark.parametrize("shape", [(), (2, 3, 0)])  # a 0-D tensor; an empty vocabulary dimension
+def test_a_logits_tensor_without_a_vocabulary_dimension_is_refused(shape):
+    from rlkd_onpolicy.losses import distillation_loss
+
+    with pytest.raises(ValueError, match=r"student_logits must be \(\.\.\., V\) with V ≥ 1"):
+        distillation_loss(torch.zeros(shape), torch.zeros(shape))
