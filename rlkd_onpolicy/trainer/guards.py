@@ -78,14 +78,14 @@ def check_positions(models: dict[str, torch.nn.Module], args: RLKDConfig, mode: 
         longest = max(len(p) + len(c) for dataset in datasets
                       for p, c in zip(dataset["prompt_ids"], dataset["completion_ids"], strict=True))  # fmt: skip
         needs.append((longest, f"dataset sequences (prompt + completion) of up to {longest} tokens "
-                      f"(max_length={args.max_length})", "lower max_length"))  # fmt: skip
+                      f"(max_length={args.max_length})", "Lower max_length"))  # fmt: skip
     if mode != "off_policy":
         extra = args.skd_draft_len - 1 if mode == "speculative" else 0
         drafts = f" + skd_draft_len={args.skd_draft_len} - 1 (speculative drafts)" if extra else ""
         length = prompts + args.max_new_tokens + extra
         needs.append((length, f"prompts of up to {prompts} tokens (max_prompt_length={args.max_prompt_length}) + "
                       f"max_new_tokens={args.max_new_tokens}{drafts} make {length}-token sequences",
-                      "lower max_prompt_length or max_new_tokens"))  # fmt: skip
+                      "Lower max_prompt_length or max_new_tokens"))  # fmt: skip
     for what, (field, limit) in limited.items():
         for length, cause, fix in needs:
             if length > limit:

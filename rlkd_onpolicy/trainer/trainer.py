@@ -200,6 +200,11 @@ class RLKDTrainer(Trainer):
         finally:
             self._evaluating = False
 
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        # as evaluate(): a raw prompt–completion dataset is checked and tokenised first
+        test_dataset = prepare_dataset(test_dataset, self.processing_class, self.args, "test_dataset")
+        return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):  # fmt: skip
         # Here, not in `evaluate`, so that `predict` evaluates the same way; the distillation metrics join the

@@ -119,6 +119,7 @@ def test_4_evaluate_takes_a_raw_dataset_a_dict_of_datasets_and_include_for_metri
     assert metrics.keys() >= {"eval_a_loss"}
     assert "eval_loss" in trainer.evaluate(eval_dataset=raw)
     assert "eval_c_loss" in trainer.evaluate(eval_dataset={"c": tiny_pairs(3, seed=3)})
+    assert "test_kd_loss" in trainer.predict(raw).metrics  # predict() too
 
 
 # -- 5. JSON dict fields on the command line --------------------------------------------------------------------
