@@ -31,6 +31,8 @@ class ModelDataArguments:
 
 
 def load_prompt_completion(name: str, config: str | None, split: str):
+    """The split `split` of a dataset: a json/jsonl/parquet/csv file (one split, "train", as `datasets` loads a
+    file), a saved `datasets` folder, or a hub dataset. A split the dataset lacks is refused, naming those it has."""
     import datasets
 
     path = Path(name)
@@ -38,11 +40,25 @@ def load_prompt_completion(name: str, config: str | None, split: str):
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
         if kind is None:
             raise ValueError(f"{name}: unknown file type {path.suffix!r}; use .json, .jsonl, .parquet or .csv.")
+        if split != "train":
+            _no_split(name, split, ["train"], "a single file is one split, 'train': give the evaluation set as a "
+                      "file of its own, or save a DatasetDict with both splits (save_to_disk) and pass its folder")
         return datasets.load_dataset(kind, data_files=str(path), split="train")
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if not isinstance(loaded, datasets.DatasetDict):
+            if split != "train":
+                _no_split(name, split, ["train"], "a saved Dataset (not a DatasetDict) is one split, 'train'")
+            return loaded
+        if split not in loaded:
+            _no_split(name, split, sorted(loaded), "choose one of them")
+        return loaded[split]
     return datasets.load_dataset(name, config, split=split)
+
+
+def _no_split(name: str, split: str, splits: list[str], fix: str) -> None:
+    raise ValueError(f"The dataset {name} has no split {split!r} (--dataset_train_split / --dataset_test_split); it "
+                     f"has only {splits}: {fix}.")
 
 
 def main(argv: list[str] | None = None) -> None:

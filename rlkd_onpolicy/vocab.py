@@ -3,6 +3,8 @@
 A model's output layer may have more rows than its tokenizer has tokens (Qwen2.5-0.5B: 151,936 rows for 151,665
 tokens; Qwen2.5-7B: 152,064). No text maps to the extra rows, the loss never covers them, and a cache never stores
 them; so every consumer works on ids `0 … len(tokenizer) - 1`:
+- the samplers (`sampling_vocabulary`) accept two output layers of any sizes that both cover the tokenizer's
+  length, whatever the number of padding rows, and refuse one that does not;
 - sampling (student and teacher, every decode path: batched, CUDA-graph, speculative, greedy, the references) cuts
   the logits to `vocabulary_size` before sampling, so an id ≥ len(tokenizer) is never emitted;
 - the trainer's loss and metrics, and the cache writer, cut the logits with `cut_logits`;
@@ -52,6 +54,32 @@ def vocabulary_size(student: torch.nn.Module, teacher: torch.nn.Module | None, t
             " rows: this tokenizer does not belong to these models."
         )
     return n_tokens
+
+
+def sampling_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab_size: int | None) -> int:
+    """The ids a sampler draws from: `vocab_size` (the tokenizer's length), once each model's output layer is
+    checked to cover it; the rows beyond it are padding, cut whatever their number. Without `vocab_size` (a sampler
+    used without a tokenizer) the two output layers must have the same rows, since padding cannot be told from
+    another tokenizer then."""
+    rows = {"student": output_rows(student)}
+    if teacher is not None:
+        rows["teacher"] = output_rows(teacher)
+    shown = ", ".join(f"the {who}'s {n} rows" for who, n in rows.items())
+    if vocab_size is None:
+        if len(set(rows.values())) > 1:
+            raise ValueError(
+                f"the output layers differ ({shown}): pass vocab_size=len(tokenizer), so that the rows beyond the "
+                "tokenizer (padding) are cut; models of two tokenizers cannot be distilled token by token."
+            )
+        return rows["student"]
+    short = min(rows, key=rows.get)
+    if not 1 <= vocab_size <= rows[short]:
+        raise ValueError(
+            f"vocab_size={vocab_size} (the tokenizer's length) must be in [1, {rows[short]}]: the {short}'s output "
+            f"layer has only {rows[short]} rows ({shown}), so it does not belong to this tokenizer. Distil between "
+            "models of one tokenizer family."
+        )
+    return vocab_size
 
 
 def cut_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

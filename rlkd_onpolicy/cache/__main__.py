@@ -18,7 +18,13 @@ def load_prompt_completion_dataset(name: str, split: str):
         builder = {"json": "json", "jsonl": "json", "parquet": "parquet"}.get(extension)
         if builder is None:
             raise ValueError(f"--dataset {name}: unsupported file type '.{extension}'; use .json, .jsonl or .parquet.")
-        return datasets.load_dataset(builder, data_files=name, split="train")
+        if split != "train":
+            raise ValueError(f"--split {split!r}: a single file is one split, 'train' (the one `datasets` gives it).")
+        try:
+            return datasets.load_dataset(builder, data_files=name, split="train")
+        except StopIteration:  # what `datasets` raises on a file without a single example (it names nothing)
+            raise ValueError(f"--dataset {name} holds no example; the cache needs prompt–completion examples.") \
+                from None
     if os.path.isdir(name):
         loaded = datasets.load_from_disk(name)
         if isinstance(loaded, datasets.DatasetDict):
@@ -32,7 +38,8 @@ def load_prompt_completion_dataset(name: str, split: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlkd_onpolicy.cache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="run a teacher over a dataset and write its top-K cache (resumes)")
+    build = commands.add_parser("build", help="run a teacher over a dataset and write its top-K cache (resumes)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     build.add_argument("--teacher", required=True, help="local path or hub name of the teacher model")
     build.add_argument("--revision", default=None, help="hub revision of the teacher (recorded in the header)")
     build.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the teacher's)")

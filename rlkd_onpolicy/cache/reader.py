@@ -62,7 +62,7 @@ class TeacherCache:
         if manifest is None:
             raise ValueError(
                 f"{path} is not a teacher cache (no manifest.json); build one with "
-                "`python -m rlkd_onpolicy.cache build --teacher ... --dataset ... --out {path}`."
+                f"`python -m rlkd_onpolicy.cache build --teacher ... --dataset ... --out {path}`."
             )
         header = CacheHeader.from_dict(manifest["header"])
         if not manifest.get("complete") and not allow_partial:

@@ -22,7 +22,7 @@ from rlkd_onpolicy.cache.format import (
     tokenizer_hash,
     write_manifest,
 )
-from rlkd_onpolicy.data import check_prompt_not_empty, tokenize_example
+from rlkd_onpolicy.data import check_prompt_not_empty, tokenize_example, validate_prompt_completion_dataset
 from rlkd_onpolicy.losses.divergences import teacher_topk
 from rlkd_onpolicy.vocab import cut_logits
 
@@ -110,6 +110,11 @@ def build_cache(
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
     if len(dataset) == 0:
         raise ValueError("The dataset is empty; the cache needs at least one prompt–completion example.")
+    # everything that can be refused is refused before `out` is created, so a refused build leaves nothing behind
+    validate_prompt_completion_dataset(dataset, "the dataset")
+    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length={max_prompt_length} must be < max_length={max_length} (as RLKDConfig "
+                         "requires): no trainer could use a cache built so. Lower --max-prompt-length.")
     vocab = teacher_vocab_size(teacher)
     if len(tokenizer) > vocab:
         raise ValueError(
@@ -130,7 +135,21 @@ def build_cache(
         dataset=dataset_name,
         split=split,
     )
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
+    try:
+        return _build(teacher, tokenizer, dataset, out, header, k=k, temperature=temperature, dtype=dtype,
+                      batch_size=batch_size, shard_size=shard_size, progress=progress,
+                      on_shard_written=on_shard_written)  # fmt: skip
+    except BaseException:
+        if created and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)  # a build refused or stopped before its first shard leaves no empty folder behind
+        raise
+
+
+def _build(teacher, tokenizer, dataset, out: str, header: CacheHeader, *, k, temperature, dtype, batch_size,
+           shard_size, progress, on_shard_written) -> str:  # fmt: skip
+    max_length, max_prompt_length = header.max_length, header.max_prompt_length
     shards: list[dict] = []
     manifest = read_manifest(out)
     if manifest is not None:

@@ -7,9 +7,9 @@ Two formats are accepted, as in TRL:
   completion and the ones before it the prompt.
 
 Truncation policy (one place, documented in docs/trainer.md): the prompt keeps its *last* `max_prompt_length`
-tokens (the end of a prompt is what the completion follows); then the completion keeps its *first* tokens so that
-prompt + completion fit in `max_length`. The completion ends with EOS (appended when missing) so that a student
-distilled on data learns to stop.
+tokens (the end of a prompt is what the completion follows), and at most its last `max_length`; then the completion
+keeps its *first* tokens so that prompt + completion fit in `max_length`. The completion ends with EOS (appended
+when missing) so that a student distilled on data learns to stop.
 """
 
 from collections.abc import Sequence
@@ -91,6 +91,8 @@ def tokenize_example(
         completion_ids = completion_ids + [eos]
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
+    if max_length is not None and len(prompt_ids) > max_length:  # max_prompt_length None: prompt + completion ≤
+        prompt_ids = prompt_ids[-max_length:]  # max_length still holds (the completion is then empty)
     if max_length is not None:
         completion_ids = completion_ids[: max(max_length - len(prompt_ids), 0)]
     return TokenizedExample(prompt_ids=list(prompt_ids), completion_ids=list(completion_ids))

@@ -7,6 +7,7 @@ turns ranking off.
 The teacher is either dense (`teacher_logits`) or sparse (`teacher_topk_ids` + `teacher_topk_logprobs`).
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -65,8 +66,23 @@ def distillation_loss(
         raise ValueError("Give either teacher_logits or both teacher_topk_ids and teacher_topk_logprobs.")
     if not sparse and teacher_topk_ids is not None:
         raise ValueError("Give either teacher_logits or a sparse teacher (teacher_topk_ids), not both.")
+    for name, value in (("student_logits", student_logits), ("teacher_logits", teacher_logits),
+                        ("teacher_topk_logprobs", teacher_topk_logprobs)):  # fmt: skip
+        if value is not None and (value.ndim == 0 or value.shape[-1] == 0):
+            raise ValueError(f"{name} must be (..., V) with V ≥ 1 (the last dimension the vocabulary or the "
+                             f"teacher's K); got shape {tuple(value.shape)}.")  # fmt: skip
     lead = student_logits.shape[:-1]
     check_mask(mask, lead)
+    # A teacher row that is −inf everywhere (every token suppressed) has no distribution to distil: it counts as
+    # masked, with a finite stand-in so that no NaN reaches the loss or its gradient through the masked row.
+    dead = (teacher_logits if not sparse else teacher_topk_logprobs).amax(-1).isneginf()  # (...), no (..., V) temp
+    if bool(dead.any()):
+        mask = ~dead if mask is None else mask.bool() & ~dead
+        if sparse:
+            uniform = torch.full_like(teacher_topk_logprobs, -math.log(teacher_topk_logprobs.shape[-1]))
+            teacher_topk_logprobs = torch.where(dead[..., None], uniform, teacher_topk_logprobs)
+        else:
+            teacher_logits = torch.where(dead[..., None], torch.zeros_like(teacher_logits), teacher_logits)
 
     if sparse:
         kd = sparse_divergence(

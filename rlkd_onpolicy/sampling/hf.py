@@ -1,6 +1,6 @@
 """The samplers' leaf: the checks on their inputs and what they need to know about transformers models.
 
-Checks shared by every sampler (prompts left-padded, the two models' vocabularies, EOS and pad ids), the eval-mode
+Checks shared by every sampler (prompts left-padded, EOS and pad ids), the eval-mode
 context, and the shim over transformers' causal LMs: the KV cache's keyword (renamed in transformers 5), a fresh
 cache, and one cached forward step. Imports nothing from the rest of `rlkd_onpolicy.sampling`.
 """
@@ -12,8 +12,6 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache, StaticCache
-
-from rlkd_onpolicy.vocab import output_rows as output_vocab_size
 
 
 # ------------------------------------------------------------------------------------------------------ the checks
@@ -37,24 +35,6 @@ def check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
             "prompts must be LEFT-padded (each attention_mask row is 0...0 1...1 and ends with 1); "
             "set tokenizer.padding_side = 'left' when batching prompts"
         )
-
-
-def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, max_vocab_padding: int = 256) -> int:
-    """The vocabulary both models can sample from: the smaller output size, after checking they differ by padding.
-
-    Models of one family pad their embedding matrices differently (Qwen2.5-0.5B 151,936 rows vs Qwen2.5-7B 152,064
-    for the same 151,665-token tokenizer); logits are cut to the smaller size. That still leaves the padding rows
-    beyond the tokenizer: pass the tokenizer's length as `vocab_size` to the samplers to cut those too
-    (rlkd_onpolicy/vocab.py).
-    """
-    student_v, teacher_v = output_vocab_size(student), output_vocab_size(teacher)
-    if abs(student_v - teacher_v) > max_vocab_padding:
-        raise ValueError(
-            f"student vocabulary ({student_v} output rows) and teacher vocabulary ({teacher_v}) differ by "
-            f"{abs(student_v - teacher_v)} rows, more than padding (max_vocab_padding={max_vocab_padding}); "
-            "use a teacher and student that share a tokenizer, or raise max_vocab_padding if the extra rows are padding"
-        )
-    return min(student_v, teacher_v)
 
 
 def eos_tensor(eos_token_id: int | Sequence[int] | None, device) -> torch.Tensor | None:

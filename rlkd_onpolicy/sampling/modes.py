@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
-from rlkd_onpolicy.vocab import output_rows as output_vocab_size
+from rlkd_onpolicy.vocab import sampling_vocabulary
 
 from .generate import decode
 from .graphs import check_graphable
-from .hf import check_prompt, eval_mode, model_device, resolve_pad, shared_vocab_size
+from .hf import check_prompt, eval_mode, model_device, resolve_pad
 from .rng import STREAM_STUDENT, STREAM_TEACHER, resolve_row_seeds
 from .rollout import SOURCE_DATA, SOURCE_STUDENT, SOURCE_TEACHER, Rollout, assemble_rollout
 from .spec import SAMPLING_MODES, SamplingSpec, SpecAttributes
@@ -38,9 +38,9 @@ class RolloutSampler(SpecAttributes):
             skd_verify_on), the others at SamplingSpec's defaults. The fields read as the sampler's attributes.
         student, teacher: causal LMs; the teacher may be None except in seq_kd and speculative.
         eos_token_id: int or list of ints; None disables EOS stopping. pad_token_id: None -> EOS -> 0.
-        max_vocab_padding: how many rows the teacher's and student's output layers may differ by (padding).
         vocab_size: the tokenizer's length (rlkd_onpolicy/vocab.py): no id ≥ vocab_size is ever sampled, in any
-            mode, even where the output layers have more rows. None = the output layers' rows.
+            mode, even where the output layers have more rows (padding, any number of rows). None = the output
+            layers' rows, which must then be the same.
     """
 
     def __init__(
@@ -51,7 +51,6 @@ class RolloutSampler(SpecAttributes):
         *,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
-        max_vocab_padding: int = 256,
         vocab_size: int | None = None,
         **options,
     ):
@@ -68,18 +67,11 @@ class RolloutSampler(SpecAttributes):
                 check_graphable(teacher)
         if mode in _NEEDS_TEACHER and teacher is None:
             raise ValueError(f"mode {mode!r} needs a teacher model, got teacher=None")
-        if teacher is not None:
-            rows = shared_vocab_size(student, teacher, max_vocab_padding)
-        else:
-            rows = output_vocab_size(student)
-        if vocab_size is not None and not 1 <= vocab_size <= rows:
-            raise ValueError(f"vocab_size={vocab_size} must be in [1, {rows}] (the models' output rows)")
-        self.vocab_size = rows if vocab_size is None else vocab_size
+        self.vocab_size = sampling_vocabulary(student, teacher, vocab_size)
         spec.check_vocabulary(self.vocab_size)
         self.spec, self.student, self.teacher = spec, student, teacher
         self.eos_token_id = eos_token_id
         self.pad_token_id = resolve_pad(pad_token_id, eos_token_id)
-        self.max_vocab_padding = max_vocab_padding
 
     def rollout(
         self,
@@ -113,7 +105,7 @@ class RolloutSampler(SpecAttributes):
         if self.mode == "speculative":
             return speculative_generate(
                 self.student, self.teacher, prompt_ids, prompt_mask, self.spec, eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id, row_seeds=row_seeds, max_vocab_padding=self.max_vocab_padding,
+                pad_token_id=self.pad_token_id, row_seeds=row_seeds,
                 vocab_size=self.vocab_size,
             )
 

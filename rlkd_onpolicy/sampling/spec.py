@@ -26,7 +26,7 @@ class SamplingSpec:
 
     mode: str  # one of SAMPLING_MODES
     lmbda: float = 0.5  # mixed: the probability that a sequence is on-policy, in [0, 1]
-    max_new_tokens: int = 128  # completion budget per sequence (≥ 1)
+    max_new_tokens: int = 128  # completion budget per sequence (≥ 1; off_policy, which never generates, takes 0)
     temperature: float = 1.0  # the student's sampling temperature (on_policy, mixed, SKD proposals); 0 = argmax
     top_p: float = 1.0  # the student's nucleus, in (0, 1]
     teacher_temperature: float = 1.0  # the teacher's (seq_kd, SKD replacements); 0 = argmax
@@ -41,7 +41,8 @@ class SamplingSpec:
         owner = "SamplingSpec"
         check_choice(owner, "mode", self.mode, SAMPLING_MODES, "unknown sampling mode; ")
         check_number(owner, "lmbda", self.lmbda, 0.0, 1.0, note=" (the on-policy probability per sequence)")
-        check_count(owner, "max_new_tokens", self.max_new_tokens)
+        if self.mode != "off_policy" or self.max_new_tokens != 0:  # off_policy never generates: 0 is fine there
+            check_count(owner, "max_new_tokens", self.max_new_tokens)
         check_number(owner, "temperature", self.temperature, 0.0, note=" (0 = argmax)")
         check_number(owner, "top_p", self.top_p, 0.0, 1.0, above=True)
         check_number(owner, "teacher_temperature", self.teacher_temperature, 0.0, note=" (0 = argmax)")

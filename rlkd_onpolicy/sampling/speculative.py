@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
+from rlkd_onpolicy.vocab import output_rows, sampling_vocabulary
+
 from .graphs import check_graphable, graph_bucket
 from .hf import (
     check_prompt,
@@ -34,7 +36,6 @@ from .hf import (
     new_cache,
     position_ids_from_mask,
     resolve_pad,
-    shared_vocab_size,
 )
 from .rng import STREAM_STUDENT, STREAM_TEACHER, resolve_row_seeds, row_uniforms
 from .rollout import SOURCE_STUDENT, SOURCE_TEACHER, Rollout, assemble_rollout, first_eos_mask
@@ -124,7 +125,6 @@ def speculative_generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     row_seeds: torch.Tensor | None = None,
-    max_vocab_padding: int = 256,
     vocab_size: int | None = None,
     **options,
 ) -> Rollout:
@@ -140,12 +140,12 @@ def speculative_generate(
     drawn from `generator`). Returns a Rollout whose token_source says, per completion token, SOURCE_STUDENT
     (accepted) or SOURCE_TEACHER (replaced), with stats acceptance_rate, tokens_replaced, teacher_forward_passes,
     student_forward_passes, rounds. vocab_size (the tokenizer's length) cuts both models' logits before proposals,
-    the top-K test and replacements, so no id ≥ vocab_size is emitted (default: the smaller output layer).
+    the top-K test and replacements, so no id ≥ vocab_size is emitted (rlkd_onpolicy/vocab.py: any number of padding
+    rows beyond it; default: the output layers' rows, which must then be the same).
     """
     spec = speculative_spec(spec, options)
     check_prompt(input_ids, attention_mask)
-    vocab = shared_vocab_size(student, teacher, max_vocab_padding)
-    vocab = vocab if vocab_size is None else min(vocab, vocab_size)
+    vocab = sampling_vocabulary(student, teacher, vocab_size)
     spec.check_vocabulary(vocab)
     pad = resolve_pad(pad_token_id, eos_token_id)
     device = input_ids.device
@@ -268,7 +268,9 @@ def _speculative_decode(student, teacher, input_ids, attention_mask, row_seeds, 
         done |= n_out >= max_new_tokens
         mask[:, col : col + d] = (offsets < n_emit[:, None]).long()  # rejected columns become holes
         last = emitted.gather(1, (n_emit - 1)[:, None]).squeeze(1)
-        pos = pos + n_emit
+        # A finished row stops advancing (it emits nothing more), so no row's draft position passes P + N + D - 3: a
+        # model with absolute positions (GPT-2) needs P + N + D - 2 of them, which the trainer checks.
+        pos = torch.where(done, pos, pos + n_emit)
         col += d
         rounds += 1
         if bool(done.all()):  # one host sync per round of D + 1 forward passes
@@ -303,7 +305,7 @@ def reference_speculative_generate(
     spec = speculative_spec(spec, options)
     temperature, top_p = spec.temperature, spec.top_p
     teacher_temperature, teacher_top_p = spec.teacher_temperature, spec.teacher_top_p
-    vocab = shared_vocab_size(student, teacher, max_vocab_padding=1 << 30)
+    vocab = min(output_rows(student), output_rows(teacher))
     vocab = vocab if vocab_size is None else min(vocab, vocab_size)
     eos = eos_tensor(eos_token_id, input_ids.device)
     bsz = input_ids.shape[0]

@@ -73,12 +73,14 @@ class ServerOptions:
     rows_per_request: int = 4
 
     def __post_init__(self):
-        if not self.timeout > 0:
-            raise ValueError(f"timeout={self.timeout} must be > 0 seconds.")
+        if not self.timeout > 0 or not math.isfinite(self.timeout):
+            raise ValueError(f"timeout={self.timeout} must be > 0 seconds (and finite).")
         if not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"retries={self.retries!r} must be an int >= 0 (0: one attempt, no retry).")
-        if self.backoff < 0 or self.max_backoff < self.backoff:
-            raise ValueError(f"backoff={self.backoff} and max_backoff={self.max_backoff} need 0 <= backoff <= max.")
+        # written so that NaN fails (every comparison with NaN is False); inf waits forever
+        if not (0 <= self.backoff <= self.max_backoff) or not math.isfinite(self.max_backoff):
+            raise ValueError(f"backoff={self.backoff} and max_backoff={self.max_backoff} need finite "
+                             "0 <= backoff <= max_backoff (seconds).")
         for name in ("max_concurrency", "rows_per_request"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -226,8 +228,9 @@ class ServedTeacher:
         url: the server's base URL, e.g. "http://teacher:8000" (no trailing /v1).
         tokenizer: the student's tokenizer; the server's must be the same (checked at construction).
         top_k: K, the teacher log-probs kept per position; at most the server's `--max-logprobs` (checked).
-        vocab_size: the student's output rows (default len(tokenizer)); the server's vocabulary may differ by at
-            most `max_vocab_padding` rows (embedding padding within one model family).
+        vocab_size: the ids the student uses (default len(tokenizer), as the trainer passes); the server must accept
+            at least these ids, and any it accepts beyond them are padding rows (rlkd_onpolicy/vocab.py), whatever
+            their number.
         model: the served model's name; None takes the only one the server serves.
         temperature: the loss temperature; only 1.0 can be served exactly (see the module docstring).
         options: timeouts, retries, concurrency (`ServerOptions`).
@@ -246,7 +249,6 @@ class ServedTeacher:
         tokenizer,
         top_k: int,
         vocab_size: int | None = None,
-        max_vocab_padding: int = 256,
         model: str | None = None,
         temperature: float = 1.0,
         options: ServerOptions | None = None,
@@ -269,7 +271,6 @@ class ServedTeacher:
         self.tokenizer = tokenizer
         self.top_k = top_k
         self.vocab_size = len(tokenizer) if vocab_size is None else int(vocab_size)
-        self.max_vocab_padding = max_vocab_padding
         self.model = model
         self.temperature = temperature
         self.options = options or ServerOptions()
@@ -297,11 +298,11 @@ class ServedTeacher:
             )
         max_model_len = int(cards[self.model].get("max_model_len") or 0)
         server_vocab = self._probe_vocab_size()
-        if abs(server_vocab - self.vocab_size) > self.max_vocab_padding:
+        if server_vocab < self.vocab_size:
             raise TeacherServerError(
-                f"The teacher server at {self.url} ({self.model}) accepts {server_vocab} token ids, the student "
-                f"{self.vocab_size} ({getattr(self.tokenizer, 'name_or_path', '?')}); they differ by more than "
-                f"padding (max_vocab_padding={self.max_vocab_padding}): serve a teacher with the student's tokenizer."
+                f"The teacher server at {self.url} ({self.model}) accepts {server_vocab} token ids, fewer than the "
+                f"student's {self.vocab_size} ({getattr(self.tokenizer, 'name_or_path', '?')}): it does not serve a "
+                "model of the student's tokenizer. Serve a teacher with the student's tokenizer."
             )
         server_hash = self._check_same_tokenizer(min(len(self.tokenizer), server_vocab))
         self._check_top_k()
@@ -328,7 +329,7 @@ class ServedTeacher:
         low, high = 0, MAX_PROBED_VOCAB  # low accepted (id 0), high rejected
         if not self._accepts(0):
             raise TeacherServerError(f"The teacher server at {self.url} refuses token id 0.")
-        guess = self.vocab_size + self.max_vocab_padding
+        guess = self.vocab_size + 256  # a first probe just above the usual embedding padding
         if self._accepts(guess):
             low = guess
         else:

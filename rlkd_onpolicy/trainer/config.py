@@ -6,6 +6,7 @@ A field that TRL's `GKDConfig` also has means what it means there (`temperature`
 "Coming from TRL", maps every GKDConfig / DistillationConfig field.
 """
 
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -58,7 +59,10 @@ class RLKDConfig(TrainingArguments):
                           "of taken from the dataset (sequence-level KD). With lmbda=0 (or sampling_mode='seq_kd') "
                           "all are; with mixed, the off-policy share is."},
     )
-    max_new_tokens: int = field(default=128, metadata={"help": "Generated completion length limit (> 0)."})
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Generated completion length limit (> 0; off_policy, which never generates, "
+                                       "also takes 0)."}
+    )
     temperature: float = field(
         default=1.0,
         metadata={"help": "TRL's temperature: the sampling temperature of the student's generations (on_policy, "
@@ -154,7 +158,7 @@ class RLKDConfig(TrainingArguments):
         metadata={"help": "Base URL of a vLLM server with the teacher, e.g. 'http://teacher:8000': the trainer asks "
                           "it for the teacher's top-teacher_top_k prompt log-probs (a sparse teacher, like a cache) "
                           "and never loads a teacher model. Needs teacher_top_k (≤ the server's --max-logprobs) and "
-                          "temperature=1; checked against the student's tokenizer at construction."},
+                          "loss_temperature=1; checked against the student's tokenizer at construction."},
     )
     teacher_server_model: str | None = field(
         default=None, metadata={"help": "The served model's name; None = the only model the server serves."}
@@ -185,18 +189,24 @@ class RLKDConfig(TrainingArguments):
         default=1024, metadata={"help": "Prompt + dataset completion tokens at most; longer completions are cut."}
     )
     max_prompt_length: int | None = field(
-        default=512, metadata={"help": "Prompts keep their last max_prompt_length tokens (the end is what matters)."}
+        default=512,
+        metadata={"help": "Prompts keep their last max_prompt_length tokens (the end is what matters); < max_length. "
+                          "Left at 512 with a max_length ≤ 512, it becomes max_length // 2."},
     )
-    model_init_kwargs: dict[str, Any] | None = field(
-        default=None, metadata={"help": "kwargs for from_pretrained when `model` is a name or path."}
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "kwargs for from_pretrained when `model` is a name or path; on the command line a JSON "
+                          "object, e.g. '{\"dtype\": \"bfloat16\"}'."},
     )
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "TRL's field: the teacher as a hub name or local path, used when RLKDTrainer gets no "
                           "teacher_model (one given as a different string is refused)."},
     )
-    teacher_model_init_kwargs: dict[str, Any] | None = field(
-        default=None, metadata={"help": "kwargs for from_pretrained when `teacher_model` is a name or path."}
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "kwargs for from_pretrained when `teacher_model` is a name or path; on the command line a "
+                          "JSON object, as model_init_kwargs."},
     )
     disable_dropout: bool = field(
         default=True,
@@ -224,11 +234,25 @@ class RLKDConfig(TrainingArguments):
     # Our columns are prompt/completion strings, tokenised by the trainer: keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the prompt/completion columns."})
 
+    # As in TRL (`dict | str` fields): TrainingArguments.__post_init__ parses a JSON object given as a string (the
+    # command line's `--model_init_kwargs '{"dtype": "bfloat16"}'`) into a dict.
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "teacher_model_init_kwargs"]
+
     def __post_init__(self):
         self._resolve_trl_fields()
+        if self.max_prompt_length == 512 and self.max_length is not None and 1 < self.max_length <= 512:
+            # the default beside a user's shorter max_length (512 is refused there: it must be < max_length)
+            warnings.warn(f"RLKDConfig.max_prompt_length: the default 512 is not below max_length={self.max_length}; "
+                          f"using max_length // 2 = {self.max_length // 2}. Set max_prompt_length to choose.",
+                          stacklevel=3)  # fmt: skip
+            self.max_prompt_length = self.max_length // 2
         self._check()
         self._bf16_where_supported()
         super().__post_init__()
+        for name in ("model_init_kwargs", "teacher_model_init_kwargs"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                self._fail(name, getattr(self, name), "give a dict, or on the command line a JSON object such as "
+                           '\'{"dtype": "bfloat16"}\'.')
 
     @staticmethod
     def _fail(name: str, value: Any, rule: str) -> None:
@@ -322,6 +346,15 @@ class RLKDConfig(TrainingArguments):
                  "so a step cannot be skipped after the fact: use 'error' with DeepSpeed.")
         if self.nonfinite_max_consecutive_skips < 1:
             fail("nonfinite_max_consecutive_skips", self.nonfinite_max_consecutive_skips, "it must be ≥ 1.")
+        # issue 31: these used to pass here and fail only inside train() (or, unused without a server, silently)
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            fail("learning_rate", self.learning_rate, "it must be a finite number ≥ 0.")
+        if isinstance(self.gradient_accumulation_steps, bool) or not isinstance(self.gradient_accumulation_steps, int) \
+                or self.gradient_accumulation_steps < 1:
+            fail("gradient_accumulation_steps", self.gradient_accumulation_steps, "it must be an int ≥ 1.")
+        for name in ("teacher_server_timeout", "teacher_server_backoff", "teacher_server_max_backoff"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                fail(name, getattr(self, name), "it must be a finite number of seconds ≥ 0.")
         for name in ("max_length", "max_prompt_length", "teacher_top_k"):
             value = getattr(self, name)
             if value is not None and value < 1:

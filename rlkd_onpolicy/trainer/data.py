@@ -1,5 +1,6 @@
 """The trainer's data: its tokenizer, the prompt–completion datasets tokenised once, and the collator."""
 
+import warnings
 from typing import Any
 
 import torch
@@ -47,6 +48,57 @@ def tokenize_dataset(dataset, tokenizer, args: RLKDConfig, name: str):
 
     return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names,
                        desc="Tokenizing prompt–completion pairs")  # fmt: skip
+
+
+def check_map_style(dataset, name: str) -> None:
+    """Refuse a streaming `IterableDataset`: the trainer tokenises a dataset once, up front, and checks it whole
+    (columns, lengths, a cache's hashes), which needs its length and random access."""
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset | datasets.IterableDatasetDict):
+        raise ValueError(f"{name} is an IterableDataset (streaming=True): RLKDTrainer tokenises and checks the whole "
+                         "dataset before training, which needs its length. Load it without streaming (e.g. "
+                         "load_dataset(..., split='train')), or materialise the part you need: "
+                         "Dataset.from_list(list(dataset.take(n))).")  # fmt: skip
+
+
+def is_tokenized(dataset) -> bool:
+    """Whether `dataset` is already one `tokenize_dataset` made (prompt_ids and completion_ids columns)."""
+    columns = getattr(dataset, "column_names", None) or []
+    return "prompt_ids" in columns and "completion_ids" in columns
+
+
+def prepare_dataset(dataset, tokenizer, args: RLKDConfig, name: str):
+    """A prompt–completion dataset (a `Dataset` or a list of dicts) checked and tokenised, as the constructor does
+    for train_dataset and eval_dataset and `evaluate(eval_dataset=...)` for a dataset given there; one already
+    tokenised is returned as it is."""
+    from rlkd_onpolicy.data.prompt_completion import validate_prompt_completion_dataset
+
+    check_map_style(dataset, name)
+    if is_tokenized(dataset):
+        return dataset
+    validate_prompt_completion_dataset(dataset, name)
+    return tokenize_dataset(dataset, tokenizer, args, name)
+
+
+def check_completion_tokens(dataset, args: RLKDConfig, mode: str, name: str = "train_dataset") -> None:
+    """In off_policy (the dataset's completions are all it trains on), refuse a tokenised dataset whose every
+    completion was cut to nothing: the run would "succeed" with loss 0 and unchanged weights. Some empty ones, or
+    all in mixed (its on-policy rows still train), are a warning."""
+    lengths = [len(ids) for ids in dataset["completion_ids"]]
+    empty = sum(n == 0 for n in lengths)
+    if empty == 0 or mode not in ("off_policy", "mixed"):
+        return
+    longest_prompt = max(len(ids) for ids in dataset["prompt_ids"])
+    why = (f"prompts of up to {longest_prompt} tokens fill max_length={args.max_length} "
+           f"(max_prompt_length={args.max_prompt_length})")  # fmt: skip
+    fix = ("raise max_length, or set max_prompt_length below it (e.g. max_length // 2) so that every completion "
+           "keeps tokens")
+    if empty == len(lengths) and mode == "off_policy":
+        raise ValueError(f"{name} has no completion token left after truncation (all {empty} examples): {why}. "
+                         f"sampling_mode='off_policy' would train on nothing (loss 0, weights unchanged): {fix}.")
+    warnings.warn(f"{name}: {empty} of {len(lengths)} examples have no completion token left after truncation "
+                  f"({why}); they add nothing to the {mode} loss: {fix}.", stacklevel=3)
 
 
 def tokenized_examples(dataset):

@@ -10,12 +10,20 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from rlkd_onpolicy.data.prompt_completion import validate_prompt_completion_dataset
 from rlkd_onpolicy.teacher import CachedTeacher, LocalTeacher, Teacher
 from rlkd_onpolicy.trainer.config import RLKDConfig, check_against_vocabulary
-from rlkd_onpolicy.trainer.data import resolve_tokenizer, tokenize_dataset, tokenized_examples
+from rlkd_onpolicy.trainer.data import (
+    check_completion_tokens,
+    check_map_style,
+    resolve_tokenizer,
+    tokenize_dataset,
+    tokenized_examples,
+)
 from rlkd_onpolicy.trainer.deepspeed import prepare_teacher
 from rlkd_onpolicy.trainer.guards import (
     check_cache_vocabulary,
     check_own_forward,
+    check_positions,
     check_same_tokenizer,
+    check_separate_teacher,
     check_teachers,
     open_cache,
 )
@@ -45,6 +53,7 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
     datasets), then the models are loaded and checked, then the datasets tokenised (and held against the cache)."""
     teacher_model = teacher_from_args(teacher_model, args)
     check_teachers(teacher_model, args)
+    check_separate_teacher(model, teacher_model)  # before anything sets requires_grad on either
     check_output_dir_writable(args.output_dir)
     tokenizer = resolve_tokenizer(model, processing_class)
     cache = None
@@ -53,9 +62,11 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
         teacher_model = None  # the cache stands for the teacher: it is never loaded
     if isinstance(teacher_model, str):
         check_same_tokenizer(tokenizer, teacher_model)
+    check_map_style(train_dataset, "train_dataset")
     validate_prompt_completion_dataset(train_dataset, "train_dataset")
-    if eval_dataset is not None:
-        validate_prompt_completion_dataset(eval_dataset, "eval_dataset")
+    for name, dataset in eval_datasets(eval_dataset).items():
+        check_map_style(dataset, name)
+        validate_prompt_completion_dataset(dataset, name)
     model = load_model(model, args.model_init_kwargs, "model")
     teacher = None if teacher_model is None else load_model(teacher_model, args.teacher_model_init_kwargs,
                                                              "teacher_model")  # fmt: skip
@@ -72,9 +83,26 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
     if cache is not None:  # every example against the cache's hashes, before any work
         cache.check_examples(tokenized_examples(train_dataset), tokenizer=tokenizer, max_length=args.max_length,
                              max_prompt_length=args.max_prompt_length)  # fmt: skip
-    if eval_dataset is not None:
+    if isinstance(eval_dataset, dict):  # Trainer's dict of named eval sets: metrics eval_<name>_*
+        eval_dataset = {key: tokenize_dataset(dataset, tokenizer, args, f"eval_dataset[{key!r}]")
+                        for key, dataset in eval_dataset.items()}  # fmt: skip
+    elif eval_dataset is not None:
         eval_dataset = tokenize_dataset(eval_dataset, tokenizer, args, "eval_dataset")
+    mode = "off_policy" if cache is not None else args.sampling_mode  # with a cache: the cached sequences
+    check_completion_tokens(train_dataset, args, mode)
+    evaluated = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+    models = {"model": model, "teacher_model": teacher} if teacher is not None else {"model": model}
+    check_positions(models, args, mode, [train_dataset] + [d for d in evaluated if d is not None])
     return Loaded(model, teacher, tokenizer, vocab_size, cache, served, train_dataset, eval_dataset)
+
+
+def eval_datasets(eval_dataset) -> dict:
+    """{name in messages: dataset}: the eval dataset, or each of a dict of them (Trainer's named eval sets)."""
+    if eval_dataset is None:
+        return {}
+    if isinstance(eval_dataset, dict):
+        return {f"eval_dataset[{key!r}]": dataset for key, dataset in eval_dataset.items()}
+    return {"eval_dataset": eval_dataset}
 
 
 def teacher_from_args(teacher_model, args: RLKDConfig):

@@ -9,6 +9,8 @@
   (or is skipped and counted) before `optimizer.step()`, so the parameters never see it.
 """
 
+import contextlib
+import fnmatch
 import functools
 import json
 import logging
@@ -78,7 +80,8 @@ def restore_rollout_generator(generator: torch.Generator, checkpoint: str, rank:
     """
     path = rollout_rng_file(checkpoint, rank)
     if os.path.isfile(path):
-        generator.set_state(torch.load(path, weights_only=True))
+        with checkpoint_errors(checkpoint, [os.path.basename(path)], "the rollout generator's state"):
+            generator.set_state(torch.load(path, weights_only=True))
         return True
     present = sorted(name for name in os.listdir(checkpoint) if re.fullmatch(r"rollout_rng_state_\d+\.pth", name))
     logger.warning(
@@ -88,6 +91,37 @@ def restore_rollout_generator(generator: torch.Generator, checkpoint: str, rank:
         f"{' (saved with another number of processes?)' if present else ' (saved by another version?)'}."
     )
     return False
+
+
+# -- reading a checkpoint back ------------------------------------------------------------------------------------
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file could not be read on resume; the message names the checkpoint, the file and the fix."""
+
+
+def checkpoint_files(checkpoint: str, *patterns: str) -> list[str]:
+    """The names in `checkpoint` matching any of `patterns` (all of them when none match: still something to name)."""
+    names = sorted(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else []
+    found = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+    return found or list(patterns)
+
+
+@contextlib.contextmanager
+def checkpoint_errors(checkpoint: str, files: list[str], what: str):
+    """Re-raise any error while reading `files` of `checkpoint` (a truncated or overwritten file gives torch's
+    unpickling advice, safetensors' header errors or a JSON error, none naming the file) as one that names them."""
+    try:
+        yield
+    except CorruptCheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - every reader's own error type; re-raised with the file named
+        detail = " ".join(str(error).split())[:300]
+        raise CorruptCheckpointError(
+            f"Resuming from {checkpoint}: {what} ({', '.join(files)}) could not be read: {type(error).__name__}: "
+            f"{detail}. The checkpoint is damaged (a copy or a disk that failed?) or belongs to another model: resume "
+            "from an earlier checkpoint (resume_from_checkpoint='<output_dir>/checkpoint-N'), or delete this one."
+        ) from error
 
 
 # -- atomic checkpoints --------------------------------------------------------------------------------------------

@@ -12,20 +12,26 @@ So gradient accumulation and data parallelism give exactly the gradient of one b
 atomically and hold the rollout generator too (reliability.py; guarantees and tests in docs/reliability.md).
 """
 
+import os
+import warnings
 from collections import defaultdict
 
 import torch
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerState
+from transformers.trainer_utils import get_last_checkpoint
 
 from rlkd_onpolicy.losses import DistillationLoss
 from rlkd_onpolicy.metrics import topk_agreement, topk_overlap_from_ids, topk_overlap_metrics
 from rlkd_onpolicy.sampling import SOURCE_TEACHER, Rollout
 from rlkd_onpolicy.teacher import SparseTeacher, TeacherSignal
 from rlkd_onpolicy.trainer.config import RLKDConfig
-from rlkd_onpolicy.trainer.data import PromptCompletionCollator
+from rlkd_onpolicy.trainer.data import PromptCompletionCollator, prepare_dataset
 from rlkd_onpolicy.trainer.loading import load_and_check, placed_teacher, scoring_teacher
 from rlkd_onpolicy.trainer.reliability import (
+    TRAINER_STATE_NAME,
     NonFiniteGuard,
+    checkpoint_errors,
+    checkpoint_files,
     remove_staging_folders,
     restore_rollout_generator,
     rollout_rng_file,
@@ -78,6 +84,11 @@ class RLKDTrainer(Trainer):
         args = RLKDConfig(output_dir="rlkd-output") if args is None else args
         if not isinstance(args, RLKDConfig):
             raise TypeError(f"args must be an RLKDConfig, got {type(args).__name__}.")
+        if args.remove_unused_columns:  # GKDTrainer forces it too: the tokenised columns are not forward's arguments
+            warnings.warn("RLKDConfig.remove_unused_columns=True: set to False, as GKDTrainer does (the trainer's "
+                          "tokenised prompt/completion columns are not arguments of the model's forward, so Trainer "
+                          "would drop them all).", stacklevel=2)  # fmt: skip
+            args.remove_unused_columns = False
         loaded = load_and_check(model, teacher_model, args, processing_class, train_dataset, eval_dataset,
                                 peft_config)  # fmt: skip
         self.vocab_size = loaded.vocab_size
@@ -120,6 +131,12 @@ class RLKDTrainer(Trainer):
         self._evaluating = False
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy, args.nonfinite_max_consecutive_skips)
+
+    @property
+    def teacher_model(self):
+        """TRL's name (GKDTrainer.teacher_model) for `self.teacher`: the placed teacher model, None with a cache or a
+        server."""
+        return self.teacher
 
     # -- one optimizer step --------------------------------------------------------------------------------------
 
@@ -173,11 +190,20 @@ class RLKDTrainer(Trainer):
     # -- evaluation: the same rollout + loss on the eval set, from a generator reset at every evaluation -------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # A dataset given here is checked and tokenised as the constructor's are (a raw prompt–completion one used
+        # to fail with KeyError 'prompt_ids'); Trainer calls back here once per entry of a dict, prefix eval_<name>.
+        if eval_dataset is not None and not isinstance(eval_dataset, dict | str):
+            eval_dataset = prepare_dataset(eval_dataset, self.processing_class, self.args, "eval_dataset")
         self._evaluating = True  # until after Trainer logs the returned metrics, so `log` adds no training ones
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._evaluating = False
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        # as evaluate(): a raw prompt–completion dataset is checked and tokenised first
+        test_dataset = prepare_dataset(test_dataset, self.processing_class, self.args, "test_dataset")
+        return super().predict(test_dataset, ignore_keys, metric_key_prefix)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):  # fmt: skip
@@ -191,6 +217,7 @@ class RLKDTrainer(Trainer):
             averaged = self._averaged_metrics("eval")
         finally:
             self._evaluating = evaluating
+        # eval_loss included: Trainer's is a mean of per-batch means, which changes with per_device_eval_batch_size
         output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in averaged.items()})
         return output
 
@@ -201,9 +228,12 @@ class RLKDTrainer(Trainer):
         """(loss, logits, labels) as transformers' Trainer gives `compute_metrics`: the student's logits (B, T, V) on
         the evaluated sequence (the rollout: generated or the dataset's, per sampling_mode) and its token ids as
         labels, -100 outside the completion, unshifted. Only with `compute_metrics` (one more student forward)."""
-        inputs = self._prepare_inputs(inputs)
+        batch, inputs = inputs, self._prepare_inputs(inputs)
         with torch.no_grad():
             rollout = self._rollout(inputs)
+            # include_for_metrics=["inputs"]: Trainer reads the main input from the batch after this call (it used to
+            # raise KeyError 'input_ids'): the evaluated sequence, prompt and completion, whose ids the labels hold
+            batch["input_ids"] = rollout.sequences
             loss = self.compute_loss(model, {**inputs, "rollout": rollout})
             if prediction_loss_only:
                 return loss.detach(), None, None
@@ -216,7 +246,32 @@ class RLKDTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         # Before `resume_from_checkpoint=True` looks for the last checkpoint: drop what a killed save left behind.
         remove_staging_folders(self.args.output_dir, self.accelerator, self.args.should_save)
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str) and os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+            with checkpoint_errors(checkpoint, [TRAINER_STATE_NAME], "the training state"):
+                TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    # Each of Trainer's readers, so that a damaged file is named with the fix (reliability.checkpoint_errors).
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        files = checkpoint_files(resume_from_checkpoint, "model*.safetensors*", "pytorch_model*.bin*", "adapter_model*")
+        with checkpoint_errors(resume_from_checkpoint, files, "the model weights"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        files = checkpoint_files(checkpoint, "optimizer.pt", "scheduler.pt", "scaler.pt")
+        with checkpoint_errors(checkpoint, files, "the optimizer and scheduler states"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_rng_state(self, checkpoint):
+        if checkpoint is None:
+            return super()._load_rng_state(checkpoint)
+        with checkpoint_errors(checkpoint, checkpoint_files(checkpoint, "rng_state*.pth"), "the RNG states"):
+            return super()._load_rng_state(checkpoint)
 
     def _save_checkpoint(self, model, trial) -> None:
         save_checkpoint_atomically(self, trial)
@@ -242,11 +297,24 @@ class RLKDTrainer(Trainer):
     @torch.no_grad()
     def _record(self, student: StudentOutputs, teacher: TeacherSignal, out: DistillationLoss, rollout: Rollout,
                 head_model) -> None:  # fmt: skip
-        metrics = self._metrics["eval" if self._evaluating else "train"]
-        tokens = max(int(out.num_tokens), 1)
-        metrics["kd_loss"].append(out.kd.item() / tokens)
-        metrics["rank_loss"].append(out.rank.item() / tokens)
-        metrics["completion_tokens"].append(float(out.num_tokens))
+        # Training logs the mean over micro-batches of each; evaluation keeps (sum, weight) pairs so that each metric
+        # is normalised once over the whole eval set (per_device_eval_batch_size changes nothing).
+        evaluating = self._evaluating
+        metrics = self._metrics["eval" if evaluating else "train"]
+
+        def add(key: str, value: float, weight: float) -> None:  # `value` a mean over `weight` units
+            metrics[key].append((value * weight, weight) if evaluating else value)
+
+        n = float(out.num_tokens)
+        tokens = max(n, 1.0)
+        if evaluating:  # replaces Trainer's eval_loss, a mean of per-batch means (training: Trainer logs its own)
+            add("loss", out.loss.item() / tokens, n)
+        add("kd_loss", out.kd.item() / tokens, n)
+        add("rank_loss", out.rank.item() / tokens, n)
+        if evaluating:
+            metrics["completion_tokens"].append((n, None))  # the eval set's total
+        else:
+            metrics["completion_tokens"].append(n)
         ks, mask = tuple(self.args.metric_ks), student.mask
         if student.logits is None:  # fused loss: the student's top ids, one chunk of logits at a time
             top = self.student_loss.top_ids(head_model, student, max(ks))
@@ -256,23 +324,40 @@ class RLKDTrainer(Trainer):
         else:
             agreement = topk_agreement(student.logits, teacher.logits, ks=ks, mask=mask)
         for key, value in agreement.items():
-            metrics[key].append(value)
-        for key in ("acceptance_rate", "tokens_per_second", "on_policy_fraction"):
-            if key in rollout.stats:
-                metrics[key].append(float(rollout.stats[key]))
+            add(key, value, n)  # means over the counted tokens
+        stats = rollout.stats
+        generated = float(stats.get("generated_tokens", n))
+        weights = {"acceptance_rate": generated, "tokens_per_second": float(stats.get("seconds", 1.0)),
+                   "on_policy_fraction": float(rollout.sequences.shape[0])}  # fmt: skip
+        for key, weight in weights.items():
+            if key in stats:
+                add(key, float(stats[key]), weight)
         replaced = (rollout.token_source == SOURCE_TEACHER) & rollout.completion_mask
         if self.args.sampling_mode == "speculative":
-            metrics["teacher_token_fraction"].append(float(replaced.sum()) / tokens)
+            add("teacher_token_fraction", float(replaced.sum()) / tokens, n)
 
     def _averaged_metrics(self, mode: str) -> dict[str, float]:
-        """The mean of each metric recorded since the last call, over batches and ranks; then forgets them."""
-        averaged = {key: sum(values) / len(values) for key, values in sorted(self._metrics[mode].items()) if values}
-        if self.accelerator.num_processes > 1 and averaged:
-            # Every rank logs at the same step with the same keys (they depend on the config only): average them.
-            local = torch.tensor(list(averaged.values()), device=self.accelerator.device, dtype=torch.float64)
-            gathered = self.accelerator.gather(local.unsqueeze(0)).mean(0)
-            averaged = dict(zip(averaged, gathered.tolist(), strict=True))
+        """Each metric recorded since the last call, over micro-batches and ranks; then forgets them. Training: the
+        mean of the micro-batches' values. Evaluation: the sum of each metric's numerators over its weights (tokens,
+        rows, seconds), over the whole eval set and all ranks; completion_tokens the total."""
+        recorded = {key: values for key, values in sorted(self._metrics[mode].items()) if values}
         self._metrics[mode].clear()
+        if mode == "train":
+            averaged = {key: sum(values) / len(values) for key, values in recorded.items()}
+            if self.accelerator.num_processes > 1 and averaged:
+                # Every rank logs at the same step with the same keys (they depend on the config only): average them.
+                local = torch.tensor(list(averaged.values()), device=self.accelerator.device, dtype=torch.float64)
+                gathered = self.accelerator.gather(local.unsqueeze(0)).mean(0)
+                averaged = dict(zip(averaged, gathered.tolist(), strict=True))
+            return averaged
+        sums = [[sum(v for v, _ in values), sum(w or 0.0 for _, w in values)] for values in recorded.values()]
+        totals = torch.tensor(sums, dtype=torch.float64).reshape(-1, 2)
+        if self.accelerator.num_processes > 1 and recorded:
+            totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
+        averaged = {}
+        for (key, values), (total, weight) in zip(recorded.items(), totals.tolist(), strict=True):
+            is_total = values[0][1] is None
+            averaged[key] = total if is_total else (total / weight if weight > 0 else 0.0)
         return averaged
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -257,3 +257,25 @@ def test_verify_checks_the_stored_hashes_against_the_stored_ids(tiny, tmp_path):
     cache = TeacherCache.open(str(tmp_path), tokenizer=tokenizer)
     with pytest.raises(ValueError, match="Shard shard-00001.safetensors is inconsistent"):
         cache.verify()
+
+
+def test_cli_refuses_bad_input_before_writing_anything(tiny, tmp_path, capsys):
+    """Issue 31: an empty .jsonl gave a bare StopIteration; wrong columns left an empty --out folder behind;
+    --max-length 4 --max-prompt-length 8 built a cache no trainer could use; build --help showed no defaults."""
+    folder, data, _, _ = tiny
+    base = ["build", "--teacher", str(folder), "--k", "4", "--no-progress"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty\.jsonl holds no example"):
+        main([*base, "--dataset", str(empty), "--out", str(tmp_path / "a")])
+    columns = tmp_path / "columns.jsonl"
+    columns.write_text(json.dumps({"question": "the cat", "answer": "le chat"}) + "\n")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['prompt', 'completion'\]"):
+        main([*base, "--dataset", str(columns), "--out", str(tmp_path / "b")])
+    with pytest.raises(ValueError, match=r"max_prompt_length=8 must be < max_length=4"):
+        main([*base, "--dataset", str(data), "--out", str(tmp_path / "c"), "--max-length", "4",
+              "--max-prompt-length", "8"])
+    assert not any((tmp_path / name).exists() for name in "abc")  # nothing left behind
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    assert "(default: 64)" in capsys.readouterr().out

@@ -28,8 +28,13 @@ def _logged(trainer) -> list[dict]:
 def test_every_completion_token_masked_gives_zero_loss_and_no_update(tmp_path):
     # prompts alone fill max_length (no max_prompt_length): every completion is cut to nothing, so the whole step
     # has no token to learn from. Loss 0 (not 0/0), zero gradients, so AdamW leaves the weights where they are.
+    # A dataset with no completion token at all is refused at construction (issue 31), so the steps' batches are
+    # taken from the examples without one of a dataset that also has one with a completion.
     long = [{"prompt": "translate " + "the cat " * 10, "completion": "le chat"}] * 4
-    trainer = _trainer(tmp_path, long, sampling_mode="off_policy", max_length=8, max_prompt_length=None)
+    with pytest.warns(UserWarning, match="4 of 5 examples have no completion token left"):
+        trainer = _trainer(tmp_path, long + [{"prompt": "the", "completion": "le"}], sampling_mode="off_policy",
+                           max_length=8, max_prompt_length=None)
+    trainer.train_dataset = trainer.train_dataset.select(range(4))
     assert all(len(row["completion_ids"]) == 0 for row in trainer.train_dataset)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()

@@ -253,8 +253,12 @@ def test_padding_rows_of_a_larger_teacher_vocabulary_are_never_sampled(models, p
     with torch.no_grad():
         teacher.lm_head.weight[VOCAB:] = 50.0  # padding rows that would win every draw if they were sampled
     ids, mask = prompts
-    r = speculative_generate(student, teacher, ids, mask, top_k=3, max_new_tokens=8, generator=torch.Generator())
+    # the tokenizer's length tells the padding apart (issue 31: without it, rows that differ are refused)
+    r = speculative_generate(student, teacher, ids, mask, top_k=3, max_new_tokens=8, generator=torch.Generator(),
+                             vocab_size=VOCAB)
     assert r.stats["tokens_replaced"] > 0 and int(r.completion_ids.max()) < VOCAB
+    with pytest.raises(ValueError, match="pass vocab_size=len"):
+        speculative_generate(student, teacher, ids, mask, top_k=3, max_new_tokens=8)
 
 
 def test_models_return_to_their_mode_and_nothing_tracks_gradients(models, prompts):
@@ -292,5 +296,5 @@ def test_bad_inputs_raise(models, prompts):
         speculative_generate(student, teacher, ids.flip(1), mask.flip(1))
     with pytest.raises(ValueError, match="same shape"):
         speculative_generate(student, teacher, ids, mask[:, 1:])
-    with pytest.raises(ValueError, match="differ by"):
+    with pytest.raises(ValueError, match="output layers differ"):
         speculative_generate(student, tiny_llama(3, vocab=4 * VOCAB), ids, mask)
