@@ -17,11 +17,13 @@ from collections import defaultdict
 import torch
 from transformers import PreTrainedModel, Trainer
 
+from rlkd_onpolicy.cross_tokenizer import CrossTeacherSignal
 from rlkd_onpolicy.losses import DistillationLoss
 from rlkd_onpolicy.metrics import topk_agreement, topk_overlap_from_ids, topk_overlap_metrics
 from rlkd_onpolicy.sampling import SOURCE_TEACHER, Rollout
 from rlkd_onpolicy.teacher import SparseTeacher, TeacherSignal
 from rlkd_onpolicy.trainer.config import RLKDConfig
+from rlkd_onpolicy.trainer.cross_tokenizer import CrossTokenizerCollator, cross_tokenizer_steps
 from rlkd_onpolicy.trainer.data import PromptCompletionCollator
 from rlkd_onpolicy.trainer.loading import load_and_check, placed_teacher, scoring_teacher
 from rlkd_onpolicy.trainer.reliability import (
@@ -48,7 +50,8 @@ class RLKDTrainer(Trainer):
         train_dataset / eval_dataset: TRL prompt–completion datasets, standard (`prompt`, `completion` strings) or
             conversational (lists of messages, rendered with the chat template). The loss covers completion
             tokens only.
-        processing_class: the tokenizer both models share (loaded from `model` when it is a name and this is None).
+        processing_class: the student's tokenizer, which the teacher shares unless `args.teacher_tokenizer_name_or_path`
+            names another (docs/cross_tokenizer.md); loaded from `model` when it is a name and this is None.
         peft_config: a `peft` config to train adapters on the student (needs `pip install peft`).
 
     Example (the models and the dataset are the caller's, so building and training are skipped as doctests):
@@ -80,11 +83,13 @@ class RLKDTrainer(Trainer):
             raise TypeError(f"args must be an RLKDConfig, got {type(args).__name__}.")
         loaded = load_and_check(model, teacher_model, args, processing_class, train_dataset, eval_dataset,
                                 peft_config)  # fmt: skip
+        cross = loaded.teacher_tokenizer is not None  # a teacher with another tokenizer: cross_tokenizer.py
+        collator = CrossTokenizerCollator if cross else PromptCompletionCollator
         self.vocab_size = loaded.vocab_size
         super().__init__(
             model=loaded.student,
             args=args,
-            data_collator=data_collator or PromptCompletionCollator(loaded.tokenizer.pad_token_id),
+            data_collator=data_collator or collator(loaded.tokenizer.pad_token_id),
             train_dataset=loaded.train_dataset,
             eval_dataset=loaded.eval_dataset,
             processing_class=loaded.tokenizer,
@@ -105,15 +110,19 @@ class RLKDTrainer(Trainer):
         self.loss_backend = resolve_loss_backend(args, self.teacher_cache is not None, self.accelerator)
         self.generation_cache = resolve_generation_cache(args.generation_cache, mode, student, teacher,
                                                          self.accelerator.distributed_type)  # fmt: skip
-        self.rollouts = Rollouts(args, mode, served_teacher=self.served_teacher, vocab_size=self.vocab_size,
-                                 cache_implementation=self.generation_cache,
-                                 eos_token_id=loaded.tokenizer.eos_token_id,
-                                 pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+        if cross:
+            self.rollouts, self.scoring_teacher, self.student_loss = cross_tokenizer_steps(
+                args, mode, loaded, self.teacher, self.generation_cache)  # fmt: skip
+        else:
+            self.rollouts = Rollouts(args, mode, served_teacher=self.served_teacher, vocab_size=self.vocab_size,
+                                     cache_implementation=self.generation_cache,
+                                     eos_token_id=loaded.tokenizer.eos_token_id,
+                                     pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+            self.scoring_teacher = scoring_teacher(
+                args, self.teacher, self.teacher_cache, self.served_teacher, self.vocab_size
+            )
+            self.student_loss = StudentLoss(args, self.loss_backend, self.vocab_size)
         self.sampler = self.rollouts.sampler(student, teacher)  # its settings checked now; each rollout makes its own
-        self.scoring_teacher = scoring_teacher(
-            args, self.teacher, self.teacher_cache, self.served_teacher, self.vocab_size
-        )
-        self.student_loss = StudentLoss(args, self.loss_backend, self.vocab_size)
         # Row seeds and mixed-mode coins come from this generator; one stream per rank.
         self.rollout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
         self._eval_generator = self._new_eval_generator()
@@ -248,7 +257,9 @@ class RLKDTrainer(Trainer):
         metrics["rank_loss"].append(out.rank.item() / tokens)
         metrics["completion_tokens"].append(float(out.num_tokens))
         ks, mask = tuple(self.args.metric_ks), student.mask
-        if student.logits is None:  # fused loss: the student's top ids, one chunk of logits at a time
+        if isinstance(teacher, CrossTeacherSignal):  # no common ids to compare top-k in (docs/cross_tokenizer.md)
+            agreement = {}
+        elif student.logits is None:  # fused loss: the student's top ids, one chunk of logits at a time
             top = self.student_loss.top_ids(head_model, student, max(ks))
             agreement = topk_overlap_from_ids(top, teacher.ids[mask], ks=ks)
         elif isinstance(teacher, SparseTeacher):
