@@ -53,8 +53,8 @@ def teacher_tokenizer_for(args: RLKDConfig, student_tokenizer):
                           "use_uld_loss and the uld_* fields are not used.", stacklevel=3)  # fmt: skip
         return None
     check_cross_tokenizer_args(args)
-    for what, tokenizer in (("the student's processing_class", student_tokenizer),
-                            (f"teacher_tokenizer_name_or_path={args.teacher_tokenizer_name_or_path!r}", teacher_tokenizer)):
+    teacher_field = f"teacher_tokenizer_name_or_path={args.teacher_tokenizer_name_or_path!r}"
+    for what, tokenizer in (("the student's processing_class", student_tokenizer), (teacher_field, teacher_tokenizer)):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"{what} is a slow tokenizer; the alignment needs a fast one's character offsets (a "
                              "tokenizer.json).")

@@ -50,11 +50,11 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
     check_teachers(teacher_model, args)
     check_output_dir_writable(args.output_dir)
     tokenizer = resolve_tokenizer(model, processing_class)
+    teacher_tokenizer = teacher_tokenizer_for(args, tokenizer)  # None: the teacher shares the student's tokenizer
     cache = None
     if args.teacher_cache is not None:
         cache = open_cache(args, tokenizer, teacher_model, train_dataset, eval_dataset)
         teacher_model = None  # the cache stands for the teacher: it is never loaded
-    teacher_tokenizer = teacher_tokenizer_for(args, tokenizer)  # None: the teacher shares the student's tokenizer
     if isinstance(teacher_model, str) and teacher_tokenizer is None:
         check_same_tokenizer(tokenizer, teacher_model)
     validate_prompt_completion_dataset(train_dataset, "train_dataset")

@@ -7,7 +7,7 @@ from functools import cache
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tests.tiny_models import tiny_llama
+from tiny_models import tiny_llama
 
 TEXT = ("the cat sees a dog . the dog runs to the red house , and a bird sleeps in the tree . "
         "le chat voit un chien . café naïve — 日本 🙂 ok !")  # fmt: skip
@@ -43,7 +43,7 @@ def bible_text(limit: int = 400) -> str:
     from rlkd_onpolicy.data.parallel import load_bible_pairs
 
     pairs = load_bible_pairs("en", "fr", "dev", max_chars=None)[:limit]
-    return "\n".join(p["source"] + "\n" + p["target"] for p in pairs)
+    return "\n".join(p["src"] + "\n" + p["tgt"] for p in pairs)
 
 
 def _trained(model, trainer, pre_tokenizer, decoder) -> PreTrainedTokenizerFast:
