@@ -5,8 +5,6 @@ character-level tokenizer."""
 import itertools
 
 import pytest
-
-from rlkd_onpolicy.cross_tokenizer import align_spans, decode_with_offsets, encode_with_offsets, normalize_offsets
 from xtok_fixtures import (
     TEXT,
     bible_bpe,
@@ -16,6 +14,8 @@ from xtok_fixtures import (
     smollm2_tokenizer,
     word_tokenizer,
 )
+
+from rlkd_onpolicy.cross_tokenizer import align_spans, decode_with_offsets, encode_with_offsets, normalize_offsets
 
 TOKENIZERS = {
     "smollm2": smollm2_tokenizer,

@@ -4,10 +4,9 @@ verses, and SmolLM2's byte-level BPE from the embedded GGUF; tiny Llamas sized t
 
 from functools import cache
 
+from tiny_models import tiny_llama
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
-
-from tiny_models import tiny_llama
 
 TEXT = ("the cat sees a dog . the dog runs to the red house , and a bird sleeps in the tree . "
         "le chat voit un chien . café naïve — 日本 🙂 ok !")  # fmt: skip
