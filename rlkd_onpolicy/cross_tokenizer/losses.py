@@ -85,7 +85,12 @@ def shared_divergence(log_student: torch.Tensor, log_teacher: torch.Tensor, voca
 
 
 def uld_distance(log_student: torch.Tensor, log_teacher: torch.Tensor) -> torch.Tensor:
-    """ULD per row (M,): Σ_i |sort(p_s)_i − sort(p_t)_i| over probabilities sorted descending, zero-padded."""
+    """ULD per row (M,): Σ_i |sort(p_s)_i − sort(p_t)_i| over probabilities sorted descending, zero-padded.
+
+        >>> p_student, p_teacher = torch.tensor([[0.1, 0.7, 0.2]]), torch.tensor([[0.4, 0.6]])
+        >>> round(float(uld_distance(p_student.log(), p_teacher.log())), 4)  # |.7-.6| + |.2-.4| + |.1-0|
+        0.4
+    """
     student = log_student.exp().sort(dim=-1, descending=True).values
     teacher = log_teacher.exp().sort(dim=-1, descending=True).values
     width = max(student.shape[-1], teacher.shape[-1])
@@ -127,10 +132,13 @@ def cross_tokenizer_loss(
         spec: the objective's LossSpec (divergence, β, ranking options; its temperature is not read here: the
             `cross` spec's two temperatures are); cross: the ULD options.
 
-    Example:
-        >>> vocab = VocabularyMap(tok, tok, 50, 50)  # doctest: +SKIP
-        >>> out = cross_tokenizer_loss(s, t, s_ids, t_ids, spans, vocab, spec=LossSpec(), cross=CrossTokenizerSpec())
-        >>> out.loss.backward()  # doctest: +SKIP
+    Example: a student spelling "ab" as "a", "b" and a teacher with the one token "ab" (one span of 2 and 1 tokens):
+        >>> vocab = VocabularyMap.from_vocabularies({"a": 0, "b": 1, "</s>": 2}, {"ab": 0, "a": 1, "</s>": 2})
+        >>> spans = SpanIndex(*(torch.tensor([i]) for i in (0, 2, 0, 1)))
+        >>> out = cross_tokenizer_loss(torch.randn(2, 3, requires_grad=True), torch.randn(1, 3), torch.tensor([0, 1]),
+        ...                            torch.tensor([0]), spans, vocab, spec=LossSpec(rank_k=2),
+        ...                            cross=CrossTokenizerSpec(use_uld_loss=True, use_hybrid_loss=True))
+        >>> out.loss.backward()
     """
     dtype = torch.float32 if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits.dtype
     log_q = F.log_softmax(student_logits.to(dtype) / cross.student_temperature, dim=-1)

@@ -12,15 +12,27 @@ import torch
 class VocabularyMap:
     """`student_ids (S,)` and `teacher_ids (S,)`: the shared entries, pair i being one string, ordered by teacher id.
 
-    Example:
-        >>> from tests.tiny_models import tiny_tokenizer  # doctest: +SKIP
-        >>> shared = VocabularyMap(tiny_tokenizer(), tiny_tokenizer(("x",)), 58, 59)  # doctest: +SKIP
-        >>> shared.size, shared.identical  # doctest: +SKIP
-        (58, False)
+    Build it from two tokenizers, or with `from_vocabularies` from their `get_vocab()` dicts:
+        >>> shared = VocabularyMap.from_vocabularies({"a": 0, "b": 1, "c": 2}, {"c": 0, "a": 1, "the": 2})
+        >>> shared.student_ids.tolist(), shared.teacher_ids.tolist(), shared.identical
+        ([2, 0], [0, 1], False)
     """
 
     def __init__(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, teacher_vocab_size: int):
-        student, teacher = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        self._build(student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab(), student_vocab_size,
+                    teacher_vocab_size)  # fmt: skip
+
+    @classmethod
+    def from_vocabularies(cls, student: dict[str, int], teacher: dict[str, int], student_vocab_size: int | None = None,
+                          teacher_vocab_size: int | None = None) -> "VocabularyMap":  # fmt: skip
+        """From string → id dicts; the sizes default to one more than each dict's largest id."""
+        shared = cls.__new__(cls)
+        shared._build(student, teacher, student_vocab_size or max(student.values()) + 1,
+                      teacher_vocab_size or max(teacher.values()) + 1)  # fmt: skip
+        return shared
+
+    def _build(self, student: dict[str, int], teacher: dict[str, int], student_vocab_size: int,
+               teacher_vocab_size: int) -> None:  # fmt: skip
         pairs = sorted((t, student[token]) for token, t in teacher.items() if token in student
                        and t < teacher_vocab_size and student[token] < student_vocab_size)  # fmt: skip
         self.teacher_ids = torch.tensor([t for t, _ in pairs], dtype=torch.long)
