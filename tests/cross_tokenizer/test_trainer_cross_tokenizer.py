@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 from xtok_fixtures import char_tokenizer, llama_for, word_tokenizer
 
 from rlkd_onpolicy import RLKDConfig, RLKDTrainer
@@ -123,12 +124,10 @@ def test_config_refuses_ignored_or_bad_uld_fields(tmp_path, folders, fields, mat
 
 def test_vocabularies_sharing_nothing(tmp_path, folders):
     """No shared entry: the divergence on shared entries and the ranking loss are refused; ULD alone trains."""
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + sorted(set("abcdefghijklmnopqrstuvwxyz")))}
-    backend = Tokenizer(models.WordLevel({k.upper() if len(k) == 1 else k: v for k, v in vocab.items()},
-                                         unk_token="[UNK]"))  # fmt: skip
+    letters = sorted(set("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))  # the char tokenizer's are lower case
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + letters)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    from transformers import PreTrainedTokenizerFast
-
     upper = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
                                     eos_token="[EOS]")  # fmt: skip
     upper.save_pretrained(folders / "upper")
