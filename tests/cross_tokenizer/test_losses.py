@@ -15,6 +15,7 @@ from rlkd_onpolicy.cross_tokenizer import (
     cross_tokenizer_loss,
     encode_with_offsets,
     merged_span_logprobs,
+    uld_distance,
 )
 from rlkd_onpolicy.losses import LossSpec, distillation_loss, ranking_loss
 
@@ -198,3 +199,21 @@ def test_no_span_gives_zero_and_zero_gradients():
         assert float(out.loss.detach()) == 0.0
         (grad,) = torch.autograd.grad(out.loss, student, allow_unused=True)
         assert grad is None or bool((grad == 0).all())
+
+
+@pytest.mark.parametrize("widths", [(7, 300), (300, 7), (50, 50)])  # student shorter, longer, equal
+def test_uld_top_k_equals_the_full_sort(widths):
+    """uld_distance takes only the longer side's top-k: value and gradient equal the full sort and zero padding."""
+    torch.manual_seed(2)
+    log_s = torch.log_softmax(3 * torch.randn(4, widths[0], dtype=torch.float64), -1).requires_grad_()
+    log_t = torch.log_softmax(3 * torch.randn(4, widths[1], dtype=torch.float64), -1)
+    got = uld_distance(log_s, log_t)
+    expected = [reference_uld(log_s[i].exp().tolist(), log_t[i].exp().tolist()) for i in range(4)]
+    torch.testing.assert_close(got.detach(), torch.tensor(expected, dtype=torch.float64))
+    a = log_s.exp().sort(-1, descending=True).values
+    b = log_t.exp().sort(-1, descending=True).values
+    width = max(widths)
+    full = (torch.nn.functional.pad(a, (0, width - a.shape[-1])) - torch.nn.functional.pad(b, (0, width - b.shape[-1])))
+    (grad,) = torch.autograd.grad(got.sum(), log_s)
+    (grad_full,) = torch.autograd.grad(full.abs().sum(), log_s)
+    torch.testing.assert_close(grad, grad_full)
