@@ -151,3 +151,24 @@ def test_teacher_by_name_with_another_tokenizer_names_the_field(tmp_path, folder
     trainer = RLKDTrainer(model=llama_for(char_tokenizer(), seed=2), args=args, train_dataset=DATA,
                           processing_class=char_tokenizer())  # fmt: skip
     trainer.train()
+
+
+def test_conversational_data_with_each_sides_chat_template(tmp_path, folders):
+    """Each side renders the prompt with its own chat template; the completion text is the assistant's content."""
+    template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
+                "{% if add_generation_prompt %}assistant : {% endif %}")  # fmt: skip
+    teacher_tokenizer, student_tokenizer = word_tokenizer(), char_tokenizer()
+    teacher_tokenizer.chat_template = student_tokenizer.chat_template = template
+    teacher_tokenizer.save_pretrained(folders / "word_chat")
+    messages = [{"messages": [{"role": "user", "content": d["prompt"]}, {"role": "assistant", "content": d["completion"]}]}
+                for d in DATA]  # fmt: skip
+    args = args_for(tmp_path, folders, sampling_mode="mixed", teacher_tokenizer_name_or_path=str(folders / "word_chat"))
+    trainer = RLKDTrainer(model=llama_for(student_tokenizer, seed=2), teacher_model=llama_for(teacher_tokenizer, seed=1),
+                          args=args, train_dataset=messages, processing_class=student_tokenizer)  # fmt: skip
+    row, prompt = trainer.train_dataset[0], messages[0]["messages"][:1]
+    for ids, tokenizer in ((row["prompt_ids"], student_tokenizer), (row["teacher_prompt_ids"], teacher_tokenizer)):
+        rendered = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        assert ids == tokenizer(rendered)["input_ids"]
+    assert row["completion_text"] == DATA[0]["completion"]
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
