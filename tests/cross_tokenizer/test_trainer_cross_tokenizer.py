@@ -160,11 +160,12 @@ def test_conversational_data_with_each_sides_chat_template(tmp_path, folders):
     teacher_tokenizer, student_tokenizer = word_tokenizer(), char_tokenizer()
     teacher_tokenizer.chat_template = student_tokenizer.chat_template = template
     teacher_tokenizer.save_pretrained(folders / "word_chat")
-    messages = [{"messages": [{"role": "user", "content": d["prompt"]}, {"role": "assistant", "content": d["completion"]}]}
-                for d in DATA]  # fmt: skip
+    messages = [{"messages": [{"role": "user", "content": d["prompt"]},
+                              {"role": "assistant", "content": d["completion"]}]} for d in DATA]  # fmt: skip
     args = args_for(tmp_path, folders, sampling_mode="mixed", teacher_tokenizer_name_or_path=str(folders / "word_chat"))
-    trainer = RLKDTrainer(model=llama_for(student_tokenizer, seed=2), teacher_model=llama_for(teacher_tokenizer, seed=1),
-                          args=args, train_dataset=messages, processing_class=student_tokenizer)  # fmt: skip
+    trainer = RLKDTrainer(model=llama_for(student_tokenizer, seed=2), args=args, train_dataset=messages,
+                          teacher_model=llama_for(teacher_tokenizer, seed=1),
+                          processing_class=student_tokenizer)  # fmt: skip
     row, prompt = trainer.train_dataset[0], messages[0]["messages"][:1]
     for ids, tokenizer in ((row["prompt_ids"], student_tokenizer), (row["teacher_prompt_ids"], teacher_tokenizer)):
         rendered = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
