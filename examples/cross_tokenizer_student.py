@@ -2,7 +2,7 @@
 
 Run (after `make install`; offline):
 
-    .venv/bin/python examples/cross_tokenizer_student.py                        # the measured setting (below)
+    .venv/bin/python examples/cross_tokenizer_student.py                        # a short setting (20 steps x 4)
     .venv/bin/python examples/cross_tokenizer_student.py --steps 200 --batch-size 8 --eval-pairs 100 \
         --runs sft "hybrid + CE" "hybrid + CE + rank"                           # a longer study (not run here)
 
@@ -14,8 +14,8 @@ chat template. Runs from the same initial student, data order and steps, through
   hybrid + CE          GOLD's hybrid (forward KL on the shared entries, ULD on the rest) + the same cross-entropy;
   hybrid + CE + rank   the same plus the RLKD ranking loss on the shared vocabulary (rank_weight=2, k=5).
 Measured: the student's teacher-forced negative log-likelihood of held-out reference translations (1 John), in nats
-per character (comparable across tokenizers), and the same for the teacher. Numbers and run time:
-docs/cross_tokenizer.md, "Measured".
+per character (comparable across tokenizers), and the same for the teacher. Not measured yet: docs/cross_tokenizer.md,
+"Measured", says why.
 """
 
 import argparse
