@@ -46,7 +46,8 @@ def vocabulary_size(student: torch.nn.Module, teacher: torch.nn.Module | None, t
         raise ValueError(
             f"student vocabulary size {student_rows} != teacher vocabulary size {teacher_rows}, and the difference "
             f"is not padding beyond the tokenizer's {n_tokens} tokens: the two models do not share a tokenizer. "
-            "Distil between models of one tokenizer family."
+            "Distil between models of one tokenizer family, or set RLKDConfig.teacher_tokenizer_name_or_path to the "
+            "teacher's tokenizer (docs/cross_tokenizer.md)."
         )
     if min(student_rows, teacher_rows) < n_tokens:
         raise ValueError(

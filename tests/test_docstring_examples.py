@@ -18,6 +18,9 @@ import pytest
         ("rlkd_onpolicy.metrics", True),
         ("rlkd_onpolicy.teacher.served", False),  # needs a running vLLM server
         ("rlkd_onpolicy.trainer.trainer", True),  # builds an RLKDConfig; the trainer needs models
+        ("rlkd_onpolicy.cross_tokenizer.align", True),
+        ("rlkd_onpolicy.cross_tokenizer.losses", True),
+        ("rlkd_onpolicy.cross_tokenizer.vocabulary", True),
     ],
 )
 def test_docstring_examples_run(module_name, runs_examples):

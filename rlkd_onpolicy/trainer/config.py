@@ -184,6 +184,45 @@ class RLKDConfig(TrainingArguments):
     teacher_server_rows_per_request: int = field(
         default=4, metadata={"help": "teacher_server: rollout rows per scoring request (≥ 1)."}
     )
+    # -- a teacher with another tokenizer (docs/cross_tokenizer.md; TRL GOLDConfig's names and meanings) --------
+    teacher_tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "TRL's field: the teacher's tokenizer (hub name or folder). When its vocabulary differs from "
+                          "the student's processing_class, the cross-tokenizer path runs: both tokenizations of each "
+                          "completion are aligned into spans and the losses compare spans (docs/cross_tokenizer.md); "
+                          "when it is the same, the same-tokenizer path runs. None = the student's tokenizer."},
+    )
+    use_uld_loss: bool = field(
+        default=False,
+        metadata={"help": "TRL's field: the Universal Logit Distillation loss (sorted-probability L1) instead of the "
+                          "divergence `loss`; cross-tokenizer only. False: `loss` on the entries both vocabularies "
+                          "share."},
+    )
+    uld_use_hybrid_loss: bool = field(
+        default=False,
+        metadata={"help": "TRL's field (with use_uld_loss): `loss` on the shared entries plus ULD on the others."},
+    )
+    uld_hybrid_matched_weight: float | None = field(
+        default=None,
+        metadata={"help": "TRL's field: weight of the shared-entry term of the hybrid (≥ 0); None with "
+                          "uld_hybrid_unmatched_weight None = adaptive, shared entries / teacher vocabulary."},
+    )
+    uld_hybrid_unmatched_weight: float | None = field(
+        default=None, metadata={"help": "TRL's field: weight of the hybrid's ULD term (≥ 0); None = adaptive."}
+    )
+    uld_crossentropy_weight: float = field(
+        default=0.0, metadata={"help": "TRL's field (with use_uld_loss): weight of the student's cross-entropy on "
+                                       "its completion tokens (≥ 0)."},
+    )
+    uld_distillation_weight: float = field(
+        default=1.0, metadata={"help": "TRL's field (with use_uld_loss): weight of the ULD / hybrid term (≥ 0)."}
+    )
+    uld_student_temperature: float = field(
+        default=1.0, metadata={"help": "TRL's field (with use_uld_loss): the student's temperature in the loss (> 0)."}
+    )
+    uld_teacher_temperature: float = field(
+        default=1.0, metadata={"help": "TRL's field (with use_uld_loss): the teacher's temperature in the loss (> 0)."}
+    )
     # -- data and models -----------------------------------------------------------------------------------------
     max_length: int | None = field(
         default=1024, metadata={"help": "Prompt + dataset completion tokens at most; longer completions are cut."}
@@ -370,6 +409,7 @@ class RLKDConfig(TrainingArguments):
             fail("max_prompt_length", self.max_prompt_length, f"it must be < max_length={self.max_length}.")
         if self.teacher_server is not None:
             self._check_teacher_server(fail)
+        self._check_cross_tokenizer(fail)
         if self.teacher_cache is not None and self.sampling_mode not in ("off_policy", "seq_kd"):
             fail("sampling_mode", self.sampling_mode, "a teacher_cache holds the teacher on fixed sequences; modes "
                  "that generate new ones (on_policy, mixed, speculative) need an online teacher_model.")
@@ -378,6 +418,34 @@ class RLKDConfig(TrainingArguments):
         if self.teacher_top_k is not None and max(self.metric_ks) > self.teacher_top_k:
             fail("metric_ks", self.metric_ks, f"metric_ks={self.metric_ks} exceeds teacher_top_k={self.teacher_top_k}: "
                  "a sparse teacher has only its top-K ids to compare; use k ≤ teacher_top_k.")
+
+    def _check_cross_tokenizer(self, fail) -> None:
+        """The ULD fields' ranges, and that none is set where it would be ignored (TRL's GOLD ignores them without
+        use_uld_loss; here they are refused). What the cross-tokenizer path cannot do is refused by the trainer,
+        which knows whether the two tokenizers differ."""
+        for name in ("uld_crossentropy_weight", "uld_distillation_weight"):
+            if not getattr(self, name) >= 0:
+                fail(name, getattr(self, name), "it must be ≥ 0.")
+        for name in ("uld_student_temperature", "uld_teacher_temperature"):
+            if not getattr(self, name) > 0:
+                fail(name, getattr(self, name), "it must be > 0.")
+        matched, unmatched = self.uld_hybrid_matched_weight, self.uld_hybrid_unmatched_weight
+        if (matched is None) != (unmatched is None):
+            fail("uld_hybrid_matched_weight", matched, f"set it and uld_hybrid_unmatched_weight={unmatched!r} "
+                 "together (both None = adaptive weights), as in TRL.")
+        for name, value in (("uld_hybrid_matched_weight", matched), ("uld_hybrid_unmatched_weight", unmatched)):
+            if value is not None and not value >= 0:
+                fail(name, value, "it must be ≥ 0.")
+        if self.use_uld_loss and self.teacher_tokenizer_name_or_path is None:
+            fail("use_uld_loss", True, "ULD compares a teacher with another tokenizer: set "
+                 "teacher_tokenizer_name_or_path to the teacher's tokenizer (with one tokenizer use `loss`).")
+        if not self.use_uld_loss:
+            defaults = {"uld_use_hybrid_loss": False, "uld_hybrid_matched_weight": None, "uld_crossentropy_weight": 0.0,
+                        "uld_distillation_weight": 1.0, "uld_student_temperature": 1.0, "uld_teacher_temperature": 1.0}
+            for name, default in defaults.items():
+                if getattr(self, name) != default:
+                    fail(name, getattr(self, name), "it configures the ULD loss, which is off: set use_uld_loss=True, "
+                         "or leave it unset.")
 
     def _check_spec(self, build, names: dict[str, str]) -> None:
         """Build a spec, naming this config's field (`names`: spec field → config field) in its range errors."""

@@ -105,7 +105,9 @@ def check_same_tokenizer(tokenizer, teacher_name_or_path: str) -> None:
     if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"The teacher {teacher_name_or_path!r} has another tokenizer ({len(teacher_tokenizer)} tokens) than the "
-            f"student's processing_class ({len(tokenizer)} tokens); token-level distillation needs one tokenizer."
+            f"student's processing_class ({len(tokenizer)} tokens); token-level distillation needs one tokenizer. "
+            f"To distil across tokenizers, set teacher_tokenizer_name_or_path={teacher_name_or_path!r} "
+            "(docs/cross_tokenizer.md)."
         )
 
 

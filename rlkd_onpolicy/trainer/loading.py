@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from rlkd_onpolicy.data.prompt_completion import validate_prompt_completion_dataset
 from rlkd_onpolicy.teacher import CachedTeacher, LocalTeacher, Teacher
 from rlkd_onpolicy.trainer.config import RLKDConfig, check_against_vocabulary
+from rlkd_onpolicy.trainer.cross_tokenizer import teacher_tokenizer_for, tokenize_cross_dataset
 from rlkd_onpolicy.trainer.data import (
     check_completion_tokens,
     check_map_style,
@@ -45,6 +46,8 @@ class Loaded:
     served: object | None
     train_dataset: object
     eval_dataset: object | None
+    teacher_tokenizer: object | None = None  # a teacher with another tokenizer (cross_tokenizer.py), else None
+    teacher_vocab_size: int | None = None
 
 
 def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, train_dataset, eval_dataset,
@@ -56,11 +59,12 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
     check_separate_teacher(model, teacher_model)  # before anything sets requires_grad on either
     check_output_dir_writable(args.output_dir)
     tokenizer = resolve_tokenizer(model, processing_class)
+    teacher_tokenizer = teacher_tokenizer_for(args, tokenizer)  # None: the teacher shares the student's tokenizer
     cache = None
     if args.teacher_cache is not None:
         cache = open_cache(args, tokenizer, teacher_model, train_dataset, eval_dataset)
         teacher_model = None  # the cache stands for the teacher: it is never loaded
-    if isinstance(teacher_model, str):
+    if isinstance(teacher_model, str) and teacher_tokenizer is None:
         check_same_tokenizer(tokenizer, teacher_model)
     check_map_style(train_dataset, "train_dataset")
     validate_prompt_completion_dataset(train_dataset, "train_dataset")
@@ -73,12 +77,27 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
     check_own_forward(model, "model")
     if teacher is not None:
         check_own_forward(teacher, "teacher_model")
-    vocab_size = vocabulary_size(model, teacher, tokenizer)  # the tokenizer's ids, for everything
+    teacher_vocab_size = None
+    if teacher_tokenizer is None:
+        vocab_size = vocabulary_size(model, teacher, tokenizer)  # the tokenizer's ids, for everything
+    else:  # each model against its own tokenizer
+        vocab_size = vocabulary_size(model, None, tokenizer)
+        teacher_vocab_size = vocabulary_size(teacher, None, teacher_tokenizer)
     check_against_vocabulary(args, vocab_size, None if cache is None else cache.header.k)
     served = None if args.teacher_server is None else served_teacher(args, tokenizer, vocab_size)
     if cache is not None:
         check_cache_vocabulary(cache, vocab_size)
     model = trainable_student(model, peft_config, args.disable_dropout)
+    if teacher_tokenizer is not None:
+        train_dataset = tokenize_cross_dataset(train_dataset, tokenizer, teacher_tokenizer, args, "train_dataset")
+        if isinstance(eval_dataset, dict):  # Trainer's dict of named eval sets
+            eval_dataset = {key: tokenize_cross_dataset(dataset, tokenizer, teacher_tokenizer, args,
+                                                        f"eval_dataset[{key!r}]")
+                            for key, dataset in eval_dataset.items()}  # fmt: skip
+        elif eval_dataset is not None:
+            eval_dataset = tokenize_cross_dataset(eval_dataset, tokenizer, teacher_tokenizer, args, "eval_dataset")
+        return Loaded(model, teacher, tokenizer, vocab_size, cache, served, train_dataset, eval_dataset,
+                      teacher_tokenizer, teacher_vocab_size)  # fmt: skip
     train_dataset = tokenize_dataset(train_dataset, tokenizer, args, "train_dataset")
     if cache is not None:  # every example against the cache's hashes, before any work
         cache.check_examples(tokenized_examples(train_dataset), tokenizer=tokenizer, max_length=args.max_length,

@@ -20,11 +20,13 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
+from rlkd_onpolicy.cross_tokenizer import CrossTeacherSignal
 from rlkd_onpolicy.losses import DistillationLoss
 from rlkd_onpolicy.metrics import topk_agreement, topk_overlap_from_ids, topk_overlap_metrics
 from rlkd_onpolicy.sampling import SOURCE_TEACHER, Rollout
 from rlkd_onpolicy.teacher import SparseTeacher, TeacherSignal
 from rlkd_onpolicy.trainer.config import RLKDConfig
+from rlkd_onpolicy.trainer.cross_tokenizer import CrossTokenizerCollator, cross_tokenizer_steps, tokenize_cross_dataset
 from rlkd_onpolicy.trainer.data import PromptCompletionCollator, prepare_dataset
 from rlkd_onpolicy.trainer.loading import load_and_check, placed_teacher, scoring_teacher
 from rlkd_onpolicy.trainer.reliability import (
@@ -54,7 +56,8 @@ class RLKDTrainer(Trainer):
         train_dataset / eval_dataset: TRL prompt–completion datasets, standard (`prompt`, `completion` strings) or
             conversational (lists of messages, rendered with the chat template). The loss covers completion
             tokens only.
-        processing_class: the tokenizer both models share (loaded from `model` when it is a name and this is None).
+        processing_class: the student's tokenizer, which the teacher shares unless `args.teacher_tokenizer_name_or_path`
+            names another (docs/cross_tokenizer.md); loaded from `model` when it is a name and this is None.
         peft_config: a `peft` config to train adapters on the student (needs `pip install peft`).
 
     Example (the models and the dataset are the caller's, so building and training are skipped as doctests):
@@ -91,11 +94,14 @@ class RLKDTrainer(Trainer):
             args.remove_unused_columns = False
         loaded = load_and_check(model, teacher_model, args, processing_class, train_dataset, eval_dataset,
                                 peft_config)  # fmt: skip
+        cross = loaded.teacher_tokenizer is not None  # a teacher with another tokenizer: cross_tokenizer.py
+        self.teacher_tokenizer = loaded.teacher_tokenizer
+        collator = CrossTokenizerCollator if cross else PromptCompletionCollator
         self.vocab_size = loaded.vocab_size
         super().__init__(
             model=loaded.student,
             args=args,
-            data_collator=data_collator or PromptCompletionCollator(loaded.tokenizer.pad_token_id),
+            data_collator=data_collator or collator(loaded.tokenizer.pad_token_id),
             train_dataset=loaded.train_dataset,
             eval_dataset=loaded.eval_dataset,
             processing_class=loaded.tokenizer,
@@ -116,15 +122,19 @@ class RLKDTrainer(Trainer):
         self.loss_backend = resolve_loss_backend(args, self.teacher_cache is not None, self.accelerator)
         self.generation_cache = resolve_generation_cache(args.generation_cache, mode, student, teacher,
                                                          self.accelerator.distributed_type)  # fmt: skip
-        self.rollouts = Rollouts(args, mode, served_teacher=self.served_teacher, vocab_size=self.vocab_size,
-                                 cache_implementation=self.generation_cache,
-                                 eos_token_id=loaded.tokenizer.eos_token_id,
-                                 pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+        if cross:
+            self.rollouts, self.scoring_teacher, self.student_loss = cross_tokenizer_steps(
+                args, mode, loaded, self.teacher, self.generation_cache)  # fmt: skip
+        else:
+            self.rollouts = Rollouts(args, mode, served_teacher=self.served_teacher, vocab_size=self.vocab_size,
+                                     cache_implementation=self.generation_cache,
+                                     eos_token_id=loaded.tokenizer.eos_token_id,
+                                     pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+            self.scoring_teacher = scoring_teacher(
+                args, self.teacher, self.teacher_cache, self.served_teacher, self.vocab_size
+            )
+            self.student_loss = StudentLoss(args, self.loss_backend, self.vocab_size)
         self.sampler = self.rollouts.sampler(student, teacher)  # its settings checked now; each rollout makes its own
-        self.scoring_teacher = scoring_teacher(
-            args, self.teacher, self.teacher_cache, self.served_teacher, self.vocab_size
-        )
-        self.student_loss = StudentLoss(args, self.loss_backend, self.vocab_size)
         # Row seeds and mixed-mode coins come from this generator; one stream per rank.
         self.rollout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
         self._eval_generator = self._new_eval_generator()
@@ -193,7 +203,7 @@ class RLKDTrainer(Trainer):
         # A dataset given here is checked and tokenised as the constructor's are (a raw prompt–completion one used
         # to fail with KeyError 'prompt_ids'); Trainer calls back here once per entry of a dict, prefix eval_<name>.
         if eval_dataset is not None and not isinstance(eval_dataset, dict | str):
-            eval_dataset = prepare_dataset(eval_dataset, self.processing_class, self.args, "eval_dataset")
+            eval_dataset = self._prepare_dataset(eval_dataset, "eval_dataset")
         self._evaluating = True  # until after Trainer logs the returned metrics, so `log` adds no training ones
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -202,8 +212,17 @@ class RLKDTrainer(Trainer):
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         # as evaluate(): a raw prompt–completion dataset is checked and tokenised first
-        test_dataset = prepare_dataset(test_dataset, self.processing_class, self.args, "test_dataset")
+        test_dataset = self._prepare_dataset(test_dataset, "test_dataset")
         return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+
+    def _prepare_dataset(self, dataset, name: str):
+        """A dataset given to evaluate()/predict(), tokenised as the constructor's are (both tokenizers' columns on
+        the cross-tokenizer path)."""
+        if self.teacher_tokenizer is None:
+            return prepare_dataset(dataset, self.processing_class, self.args, name)
+        if "teacher_prompt_ids" in (getattr(dataset, "column_names", None) or []):
+            return dataset
+        return tokenize_cross_dataset(dataset, self.processing_class, self.teacher_tokenizer, self.args, name)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):  # fmt: skip
@@ -316,7 +335,9 @@ class RLKDTrainer(Trainer):
         else:
             metrics["completion_tokens"].append(n)
         ks, mask = tuple(self.args.metric_ks), student.mask
-        if student.logits is None:  # fused loss: the student's top ids, one chunk of logits at a time
+        if isinstance(teacher, CrossTeacherSignal):  # no common ids to compare top-k in (docs/cross_tokenizer.md)
+            agreement = {}
+        elif student.logits is None:  # fused loss: the student's top ids, one chunk of logits at a time
             top = self.student_loss.top_ids(head_model, student, max(ks))
             agreement = topk_overlap_from_ids(top, teacher.ids[mask], ks=ks)
         elif isinstance(teacher, SparseTeacher):
