@@ -37,6 +37,7 @@ class Loaded:
     served: object | None
     train_dataset: object
     eval_dataset: object | None
+    student_server: object | None = None  # use_vllm: the checked StudentServer
 
 
 def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, train_dataset, eval_dataset,
@@ -65,6 +66,7 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
     vocab_size = vocabulary_size(model, teacher, tokenizer)  # the tokenizer's ids, for everything
     check_against_vocabulary(args, vocab_size, None if cache is None else cache.header.k)
     served = None if args.teacher_server is None else served_teacher(args, tokenizer, vocab_size)
+    student_server = None if not args.use_vllm else vllm_student_server(args, tokenizer, vocab_size, model)
     if cache is not None:
         check_cache_vocabulary(cache, vocab_size)
     model = trainable_student(model, peft_config, args.disable_dropout)
@@ -74,7 +76,7 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
                              max_prompt_length=args.max_prompt_length)  # fmt: skip
     if eval_dataset is not None:
         eval_dataset = tokenize_dataset(eval_dataset, tokenizer, args, "eval_dataset")
-    return Loaded(model, teacher, tokenizer, vocab_size, cache, served, train_dataset, eval_dataset)
+    return Loaded(model, teacher, tokenizer, vocab_size, cache, served, train_dataset, eval_dataset, student_server)
 
 
 def teacher_from_args(teacher_model, args: RLKDConfig):
@@ -139,6 +141,22 @@ def served_teacher(args: RLKDConfig, tokenizer, vocab_size: int):
         args.teacher_server, tokenizer=tokenizer, top_k=args.teacher_top_k, vocab_size=vocab_size,
         model=args.teacher_server_model, temperature=args.loss_temperature, options=args.teacher_server_options(),
     )  # fmt: skip
+
+
+def vllm_student_server(args: RLKDConfig, tokenizer, vocab_size: int, student):
+    """The `StudentServer` at `args.vllm_server_url()`, waited for (up to vllm_server_timeout) and checked now: one
+    model, the student's tokenizer, vocabulary and architecture (each mismatch names the field)."""
+    from rlkd_onpolicy.sampling.vllm_client import StudentServer
+    from rlkd_onpolicy.teacher.served import ServerOptions
+    from rlkd_onpolicy.vocab import output_rows
+
+    server = StudentServer(args.vllm_server_url(), tokenizer=tokenizer, vocab_size=vocab_size,
+                           output_rows=output_rows(student), config=getattr(student, "config", None),
+                           options=ServerOptions(timeout=args.vllm_server_timeout, retries=2, backoff=1.0),
+                           check=False)  # fmt: skip
+    server.wait_until_up(args.vllm_server_timeout)
+    server.check()
+    return server
 
 
 def scoring_teacher(args: RLKDConfig, teacher, cache, served, vocab_size: int) -> Teacher:

@@ -108,8 +108,11 @@ class RLKDTrainer(Trainer):
         self.rollouts = Rollouts(args, mode, served_teacher=self.served_teacher, vocab_size=self.vocab_size,
                                  cache_implementation=self.generation_cache,
                                  eos_token_id=loaded.tokenizer.eos_token_id,
-                                 pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+                                 pad_token_id=loaded.tokenizer.pad_token_id,
+                                 student_server=loaded.student_server)  # fmt: skip
         self.sampler = self.rollouts.sampler(student, teacher)  # its settings checked now; each rollout makes its own
+        if self.rollouts.weight_sync is not None:  # use_vllm: a first push now proves the server loads these weights
+            self.rollouts.weight_sync.before_rollout(student, self.accelerator, 0, " (at construction)")
         self.scoring_teacher = scoring_teacher(
             args, self.teacher, self.teacher_cache, self.served_teacher, self.vocab_size
         )
@@ -139,7 +142,9 @@ class RLKDTrainer(Trainer):
         # Evaluation draws from its own generator so that evaluating never shifts the training rollouts. (Not
         # `model.training`: the next step's rollouts are built before Trainer puts the model back in train mode.)
         generator = self._eval_generator if self._evaluating else self.rollout_generator
-        return self.rollouts(batch, self.model_wrapped, self.teacher, self.accelerator, generator)
+        step = None if self._evaluating else self.state.global_step + 1  # named in a vLLM server's errors
+        return self.rollouts(batch, self.model_wrapped, self.teacher, self.accelerator, generator,
+                             weights_step=self.state.global_step, step=step)  # fmt: skip
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rollout: Rollout = inputs.get("rollout") or self._rollout(inputs)
@@ -225,6 +230,8 @@ class RLKDTrainer(Trainer):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if not self.is_deepspeed_enabled:  # DeepSpeed steps inside backward: the guard checks losses there
             self.nonfinite_guard.install(self)
+        if self.rollouts.weight_sync is not None:  # use_vllm: push the (possibly resumed) weights before step 1
+            self.rollouts.weight_sync.reset()
         if resume_from_checkpoint is not None:
             # Restored here, before the first step and on every backend (DeepSpeed loads its checkpoint here too):
             # Trainer restores its own RNG states only after fetching the first batches on resume, and fetching a
@@ -257,7 +264,8 @@ class RLKDTrainer(Trainer):
             agreement = topk_agreement(student.logits, teacher.logits, ks=ks, mask=mask)
         for key, value in agreement.items():
             metrics[key].append(value)
-        for key in ("acceptance_rate", "tokens_per_second", "on_policy_fraction"):
+        for key in ("acceptance_rate", "tokens_per_second", "on_policy_fraction", "rollout_seconds",
+                    "vllm_sync_seconds"):  # fmt: skip
             if key in rollout.stats:
                 metrics[key].append(float(rollout.stats[key]))
         replaced = (rollout.token_source == SOURCE_TEACHER) & rollout.completion_mask
