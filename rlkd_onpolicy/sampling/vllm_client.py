@@ -270,8 +270,16 @@ class StudentServer:
                                              "kwargs": {"weights_path": str(folder), "is_checkpoint_format": True}},
                          where=f" (reload_weights{where})", retries=0)  # fmt: skip
             self.request("/update_weight_version", {"new_version": version}, where=where)
-        finally:
-            self.request("/resume", {}, where=f" (resuming after the weight sync{where})")
+        except StudentServerError as error:
+            try:  # leave the server unpaused if it still can be; the reload's error is the one to report
+                self.request("/resume", {}, where=where, retries=0)
+            except StudentServerError:
+                pass
+            raise StudentServerError(
+                f"{error} A failed reload can leave vLLM's engine dead (vLLM 0.32 on the CPU: EngineCore exits): "
+                "restart the server and resume from the last checkpoint."
+            ) from None
+        self.request("/resume", {}, where=f" (resuming after the weight sync{where})")
 
     # -- generation --------------------------------------------------------------------------------------------------
 
