@@ -52,8 +52,9 @@ def checkpoint_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     if hasattr(module, "merge_adapter") and hasattr(module, "get_base_model"):
         module.merge_adapter()
         try:
+            # copies: unmerging may change the merged tensors in place
             state = _peft_names(module.get_base_model().state_dict())
-            return _distinct(state)
+            return {name: tensor.clone() for name, tensor in _distinct(state).items()}
         finally:
             module.unmerge_adapter()
     return _distinct(module.state_dict())
