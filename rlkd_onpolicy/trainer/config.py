@@ -23,6 +23,7 @@ GENERATION_CACHES = ("auto", *CACHE_IMPLEMENTATIONS)
 LOSS_BACKENDS = ("auto", "logits", "fused")
 NONFINITE_POLICIES = ("error", "skip")
 VLLM_MODES = ("server", "colocate")
+VLLM_SYNC_BACKENDS = ("auto", "file", "nccl")
 # The spec fields whose RLKDConfig field has another name (the others have the same one).
 _LOSS_SPEC_FIELDS = {"temperature": "loss_temperature", "regularization_strength": "rank_regularization_strength"}
 _SAMPLING_SPEC_FIELDS = {"mode": "sampling_mode", "teacher_temperature": "teacher_sampling_temperature",
@@ -211,6 +212,17 @@ class RLKDConfig(TrainingArguments):
         metadata={"help": "Sync the student's weights to its server every this many optimizer steps (≥ 1; 1 = before "
                           "every step's rollouts, exactly on-policy; more = rollouts from weights up to N-1 steps "
                           "old, a cheaper sync)."},
+    )
+    vllm_sync_backend: str = field(
+        default="auto",
+        metadata={"help": f"How the weights reach the server, one of {VLLM_SYNC_BACKENDS}: file = a safetensors file "
+                          "the server reloads (/collective_rpc reload_weights; any device, the server on this "
+                          "filesystem); nccl = vLLM's NCCL weight-transfer engine (CUDA, vLLM installed here, the "
+                          "server started with --weight-transfer-config '{\"backend\":\"nccl\"}'; untested on CPU-only "
+                          "CI); auto = nccl where all of that holds, else file."},
+    )
+    vllm_group_port: int = field(
+        default=51216, metadata={"help": "TRL's field: the NCCL rendezvous port of the nccl weight sync."}
     )
     vllm_sync_dir: str | None = field(
         default=None,
@@ -461,6 +473,8 @@ class RLKDConfig(TrainingArguments):
             fail("vllm_server_port", self.vllm_server_port, "it must be a TCP port in [1, 65535].")
         if not self.vllm_server_timeout > 0:
             fail("vllm_server_timeout", self.vllm_server_timeout, "it must be > 0 seconds.")
+        if self.vllm_sync_backend not in VLLM_SYNC_BACKENDS:
+            fail("vllm_sync_backend", self.vllm_sync_backend, f"use one of {VLLM_SYNC_BACKENDS}.")
         if not isinstance(self.vllm_sync_steps, int) or self.vllm_sync_steps < 1:
             fail("vllm_sync_steps", self.vllm_sync_steps, "it must be an int ≥ 1 (1 = sync before every step).")
         if self.sampling_mode == "off_policy":

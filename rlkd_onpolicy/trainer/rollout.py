@@ -75,7 +75,7 @@ class Rollouts:
 
     def __init__(self, args: RLKDConfig, mode: str, *, served_teacher: ServedTeacher | None, vocab_size: int,
                  cache_implementation: str, eos_token_id: int | None, pad_token_id: int | None,
-                 student_server=None):  # fmt: skip
+                 student_server=None, student: torch.nn.Module | None = None):  # fmt: skip
         self.spec = args.sampling_spec(mode, cache_implementation)  # validated once, shared by every rollout
         self.mode, self.served_teacher, self.vocab_size = mode, served_teacher, vocab_size
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
@@ -83,9 +83,9 @@ class Rollouts:
         # off_policy rollouts have no student generation, so nothing is pushed for them.
         self.student_server, self.weight_sync, self._where = student_server, None, ""
         if student_server is not None and mode in STUDENT_GENERATES:
-            from rlkd_onpolicy.trainer.vllm_sync import WeightSync
+            from rlkd_onpolicy.trainer.vllm_sync import weight_sync
 
-            self.weight_sync = WeightSync(student_server, args.vllm_sync_steps, args.vllm_sync_dir)
+            self.weight_sync = weight_sync(args, student_server, student)
 
     def sampler(
         self, student: torch.nn.Module, teacher: torch.nn.Module | None

@@ -109,7 +109,7 @@ class RLKDTrainer(Trainer):
                                  cache_implementation=self.generation_cache,
                                  eos_token_id=loaded.tokenizer.eos_token_id,
                                  pad_token_id=loaded.tokenizer.pad_token_id,
-                                 student_server=loaded.student_server)  # fmt: skip
+                                 student_server=loaded.student_server, student=student)  # fmt: skip
         self.sampler = self.rollouts.sampler(student, teacher)  # its settings checked now; each rollout makes its own
         if self.rollouts.weight_sync is not None:  # use_vllm: a first push now proves the server loads these weights
             self.rollouts.weight_sync.before_rollout(student, self.accelerator, 0, " (at construction)")

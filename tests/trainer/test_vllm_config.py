@@ -69,3 +69,17 @@ def test_sync_schedule(tmp_path):
     assert [sync.due(step) for step in range(5)] == [False, False, False, True, True]
     sync.reset()
     assert sync.due(1)
+
+
+def test_nccl_sync_needs_vllm_here(tmp_path):
+    """On this CPU machine without vLLM in the training environment "auto" is the file sync and "nccl" is refused."""
+    import importlib.util
+
+    from rlkd_onpolicy.trainer.vllm_sync import weight_sync
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is importable in this environment")
+    student = tiny_llama(64)
+    assert type(weight_sync(_args(tmp_path), None, student)) is WeightSync
+    with pytest.raises(ImportError, match=r"vllm_sync_backend='nccl' .* `pip install vllm`"):
+        weight_sync(_args(tmp_path, vllm_sync_backend="nccl"), None, student)
