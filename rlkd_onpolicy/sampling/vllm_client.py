@@ -195,7 +195,8 @@ class StudentServer:
                       if (m := re.search(r"\.layers\.(\d+)\.", key))}  # fmt: skip
             served = {"num_hidden_layers": max(layers) + 1} if layers else {}
         for name in ARCHITECTURE_FIELDS:
-            if name in served and name in ours and served[name] != ours[name]:
+            # a field unset on either side (an in-memory config without `architectures`) is not compared
+            if served.get(name) is not None and ours.get(name) is not None and served[name] != ours[name]:
                 raise StudentServerError(
                     f"{name}: the student's vLLM server at {self.url} serves a model with {name}={served[name]!r}, "
                     f"the student has {name}={ours[name]!r}; its weights cannot be loaded there. Serve the student's "

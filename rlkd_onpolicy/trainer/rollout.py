@@ -51,7 +51,7 @@ def build_sampler(
     """The sampler of `spec` for these models: a `ServedRolloutSampler` where a served teacher takes part in
     sampling, else a `RolloutSampler` (`teacher` the local teacher module, or None); with `student_server` (use_vllm)
     their vLLM variants, whose student generations come from that server (sampling/vllm_sampler.py)."""
-    if student_server is not None:
+    if student_server is not None and spec.mode in STUDENT_GENERATES:
         from rlkd_onpolicy.sampling import vllm_sampler
 
         kwargs = dict(server=student_server, where=where, vocab_size=vocab_size, eos_token_id=eos_token_id,

@@ -44,8 +44,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def _trainer(tmp_path, smollm2, student, mode, url=None, teacher_server=None, **overrides) -> RLKDTrainer:
-    teacher, tokenizer, _ = smollm2
+@pytest.fixture(scope="module")
+def stale_teacher(vllm_student):
+    """The local teacher of these tests: the server's stale 1-layer model (close to the student, cheap to run)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(vllm_student[2].parent / "stale").eval()
+
+
+def _trainer(tmp_path, smollm2, student, mode, url=None, teacher_server=None, teacher=None,
+             **overrides) -> RLKDTrainer:  # fmt: skip
+    tokenizer = smollm2[1]
+    teacher = teacher if teacher is not None else smollm2[0]
     fields = dict(
         output_dir=str(tmp_path / mode), sampling_mode=mode, per_device_train_batch_size=2,
         gradient_accumulation_steps=1, max_steps=3, learning_rate=3e-3, logging_steps=1, save_strategy="no",
@@ -103,7 +113,8 @@ def _restart_state(server, stale_dir: Path) -> None:
     _post(server.url, "/update_weight_version", {"new_version": "default"})
 
 
-def test_greedy_on_policy_through_vllm_equals_the_in_process_sampler_step_by_step(tmp_path, vllm_student, smollm2):
+def test_greedy_on_policy_through_vllm_equals_the_in_process_sampler_step_by_step(tmp_path, vllm_student, smollm2,
+                                                                                   stale_teacher):
     server, student, folder = vllm_student
     tokenizer = smollm2[1]
     _restart_state(server, folder.parent / "stale")  # a server on stale weights, whatever ran before
@@ -112,8 +123,8 @@ def test_greedy_on_policy_through_vllm_equals_the_in_process_sampler_step_by_ste
     with torch.no_grad():
         local = student.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :].tolist()
     assert _greedy_on_server(server.url, prompt, 8) != local
-    served = _trainer(tmp_path / "vllm", smollm2, student, "on_policy", url=server.url)
-    in_process = _trainer(tmp_path / "local", smollm2, student, "on_policy")
+    served = _trainer(tmp_path / "vllm", smollm2, student, "on_policy", url=server.url, teacher=stale_teacher)
+    in_process = _trainer(tmp_path / "local", smollm2, student, "on_policy", teacher=stale_teacher)
     got, expected = _recording(served), _recording(in_process)
     served.train()
     in_process.train()
@@ -134,9 +145,10 @@ def test_greedy_on_policy_through_vllm_equals_the_in_process_sampler_step_by_ste
 # What each case is for: mixed (coins + server rows), speculative with a local teacher verifying the server's drafts,
 # seq_kd (the teacher generates: the server is never synced).
 @pytest.mark.parametrize("mode", ["mixed", "speculative", "seq_kd"])
-def test_every_mode_trains_with_the_student_on_vllm(tmp_path, vllm_student, smollm2, mode):
+def test_every_mode_trains_with_the_student_on_vllm(tmp_path, vllm_student, smollm2, stale_teacher, mode):
     server, student, _ = vllm_student
-    trainer = _trainer(tmp_path, smollm2, student, mode, url=server.url, max_steps=2, temperature=1.0)
+    trainer = _trainer(tmp_path, smollm2, student, mode, url=server.url, max_steps=2, temperature=1.0,
+                       teacher=stale_teacher)
     rollouts = _recording(trainer)
     trainer.train()
     logged = _logged(trainer)
@@ -177,10 +189,10 @@ def _unchanged_since(trainer, after: _AfterStep) -> None:
         assert torch.equal(param, after.weights[name]), name
 
 
-def test_server_gone_mid_run_stops_before_the_optimizer_step(tmp_path, vllm_student, smollm2):
+def test_server_gone_mid_run_stops_before_the_optimizer_step(tmp_path, vllm_student, smollm2, stale_teacher):
     server, student, _ = vllm_student
     proxy = LoopbackProxy(server.port)
-    trainer = _trainer(tmp_path, smollm2, student, "on_policy", url=proxy.url)
+    trainer = _trainer(tmp_path, smollm2, student, "on_policy", url=proxy.url, teacher=stale_teacher)
     after = _AfterStep(1, proxy.close)
     trainer.add_callback(after)
     with pytest.raises(StudentServerError, match=rf"vLLM server at {proxy.url}/weight_info did not answer at "
@@ -189,11 +201,12 @@ def test_server_gone_mid_run_stops_before_the_optimizer_step(tmp_path, vllm_stud
     _unchanged_since(trainer, after)
 
 
-def test_server_restarted_mid_run_is_caught(tmp_path, vllm_student, smollm2):
+def test_server_restarted_mid_run_is_caught(tmp_path, vllm_student, smollm2, stale_teacher):
     """A server restarted between two syncs (vllm_sync_steps=2) holds its start-up weights again: stop, not train
     on rollouts of other weights."""
     server, student, folder = vllm_student
-    trainer = _trainer(tmp_path, smollm2, student, "on_policy", url=server.url, vllm_sync_steps=2)
+    trainer = _trainer(tmp_path, smollm2, student, "on_policy", url=server.url, vllm_sync_steps=2,
+                       teacher=stale_teacher)
     after = _AfterStep(2, lambda: _restart_state(server, folder.parent / "stale"))
     trainer.add_callback(after)
     with pytest.raises(StudentServerError, match=rf"vLLM server at {server.url} no longer holds the weights the "
@@ -226,10 +239,10 @@ def test_sigkill_and_resume_with_vllm_rollouts_equals_the_uninterrupted_run(tmp_
     """On-policy at temperature 1 (vLLM's per-request seeds = the rollout RNG's row seeds): 4 steps, a checkpoint
     every 2, killed after step 3, resumed from checkpoint-2; the runs take turns on the one server."""
     server, _, folder = vllm_student
-    args = ("--vllm-server", server.url, "--student-dir", str(folder), "--model-dir", str(smollm2[2]), "--mode",
-            "on_policy", "--steps", "4", "--save-steps", "2")  # fmt: skip
+    args = ("--vllm-server", server.url, "--student-dir", str(folder), "--model-dir", str(folder.parent / "stale"),
+            "--mode", "on_policy", "--steps", "4", "--save-steps", "2")  # fmt: skip
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    _finish(_start(reference, *args))
+    _finish(_start(reference, *args))  # not beside the killed run: one server holds one run's weights
     _finish(_start(killed, *args, "--kill-after-step", "3"), expect=-signal.SIGKILL)
     _finish(_start(killed, *args, "--resume", str(killed / "run" / "checkpoint-2")))
     got, expected = _steps(killed), _steps(reference)
@@ -247,18 +260,19 @@ def test_cli_trains_from_the_vllm_student_yaml(tmp_path, vllm_student, smollm2):
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in PAIRS))
     main(["--config", str(ROOT / "configs" / "train" / "vllm_student.yaml"), "--student_model", str(folder),
-          "--teacher_model", str(smollm2[2]), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"),
+          "--teacher_model", str(folder.parent / "stale"), "--dataset_name", str(data),
+          "--output_dir", str(tmp_path / "out"),
           "--vllm_server_base_url", server.url, "--max_steps", "1", "--per_device_train_batch_size", "2",
           "--gradient_accumulation_steps", "1", "--max_new_tokens", "4", "--bf16", "false",
           "--save_strategy", "no"])  # fmt: skip
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_sync_failing_stops_before_the_optimizer_step(tmp_path, vllm_student, smollm2):
+def test_sync_failing_stops_before_the_optimizer_step(tmp_path, vllm_student, smollm2, stale_teacher):
     """The server answers but cannot reload (the weight file is corrupt): the reload's error. Last in this file: a
     failed reload leaves vLLM 0.32's engine dead, so the session's server is unusable afterwards."""
     server, student, _ = vllm_student
-    trainer = _trainer(tmp_path, smollm2, student, "on_policy", url=server.url)
+    trainer = _trainer(tmp_path, smollm2, student, "on_policy", url=server.url, teacher=stale_teacher)
     sync = trainer.rollouts.weight_sync
     after = _AfterStep(1, lambda: setattr(sync, "_write", lambda module: sync.folder.joinpath("model.safetensors")
                                           .write_bytes(b"not a safetensors file")))  # fmt: skip
