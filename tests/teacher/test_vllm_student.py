@@ -160,14 +160,19 @@ def test_every_mode_trains_with_the_student_on_vllm(tmp_path, vllm_student, smol
         assert all(0 <= r.stats["acceptance_rate"] <= 1 for r in rollouts)
 
 
-def test_speculative_with_the_student_and_the_teacher_on_vllm(tmp_path, vllm_student, vllm_server, smollm2):
-    """SKD with both models served: drafts from the student's server, verification by the teacher's."""
+# speculative: drafts from the student's server, verification by the teacher's; seq_kd: the teacher's server samples
+# and the student's is never synced.
+@pytest.mark.parametrize("mode", ["speculative", "seq_kd"])
+def test_the_student_and_the_teacher_both_on_vllm(tmp_path, vllm_student, vllm_server, smollm2, mode):
     server, student, _ = vllm_student
-    trainer = _trainer(tmp_path, smollm2, student, "speculative", url=server.url, teacher_server=vllm_server.url,
+    trainer = _trainer(tmp_path, smollm2, student, mode, url=server.url, teacher_server=vllm_server.url,
                        max_steps=1, temperature=1.0)  # fmt: skip
     rollouts = _recording(trainer)
     trainer.train()
-    assert rollouts[0].stats["teacher_requests"] > 0 and "vllm_sync_seconds" in rollouts[0].stats
+    if mode == "speculative":
+        assert rollouts[0].stats["teacher_requests"] > 0 and "vllm_sync_seconds" in rollouts[0].stats
+    else:
+        assert "vllm_sync_seconds" not in rollouts[0].stats and rollouts[0].stats["generated_tokens"] > 0
     assert torch.isfinite(torch.tensor(_logged(trainer)[0]["loss"]))
 
 
