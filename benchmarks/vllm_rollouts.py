@@ -104,10 +104,10 @@ def main() -> None:
             results["server_startup_s"] = server.wait_ready()
             print(f"server ready after {results['server_startup_s']:.0f} s")
         url = args.url or server.url
+        options = ServerOptions(timeout=600, retries=1, max_concurrency=64)  # as the trainer's (loading.py)
         client = StudentServer(url, tokenizer=tokenizer, vocab_size=len(tokenizer), output_rows=output_rows(student),
-                               config=student.config, options=ServerOptions(timeout=600, retries=1))  # fmt: skip
-        sync_cls = NCCLWeightSync if args.sync == "nccl" else WeightSync
-        sync = sync_cls(client, 1, None, 51216) if args.sync == "nccl" else sync_cls(client, 1, None)
+                               config=student.config, options=options)  # fmt: skip
+        sync = NCCLWeightSync(client, 1, None, 51216) if args.sync == "nccl" else WeightSync(client, 1, None)
         eos = tokenizer.eos_token_id if args.eos else None
         kwargs = dict(vocab_size=len(tokenizer), eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
                       max_new_tokens=args.new_tokens, temperature=1.0, cache_implementation="dynamic")  # fmt: skip

@@ -152,7 +152,9 @@ def vllm_student_server(args: RLKDConfig, tokenizer, vocab_size: int, student):
 
     server = StudentServer(args.vllm_server_url(), tokenizer=tokenizer, vocab_size=vocab_size,
                            output_rows=output_rows(student), config=getattr(student, "config", None),
-                           options=ServerOptions(timeout=args.vllm_server_timeout, retries=2, backoff=1.0),
+                           # one request per row (its own seed), up to 64 in flight as TRL's client: vLLM batches them
+                           options=ServerOptions(timeout=args.vllm_server_timeout, retries=2, backoff=1.0,
+                                                 max_concurrency=64),
                            check=False)  # fmt: skip
     server.wait_until_up(args.vllm_server_timeout)
     server.check()
