@@ -95,7 +95,9 @@ def main() -> None:
     if args.teacher_server:
         served = dict(teacher_server=args.teacher_server, teacher_top_k=8, teacher_sampling_temperature=1.0)
     if args.vllm_server:
-        served = dict(use_vllm=True, vllm_server_base_url=args.vllm_server, vllm_server_timeout=30.0)
+        # the weight file's folder under --out: a SIGKILLed run cannot remove it, the test's tmp folder goes
+        served = dict(use_vllm=True, vllm_server_base_url=args.vllm_server, vllm_server_timeout=30.0,
+                      vllm_sync_dir=str(out / "vllm_sync"))
     config = RLKDConfig(
         output_dir=str(out / "run"), sampling_mode=args.mode, per_device_train_batch_size=2, max_steps=args.steps,
         learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=args.save_steps, report_to="none",
