@@ -6,6 +6,8 @@
 #   sampling  the sampling benchmark, Qwen2.5-0.5B/1.5B-shaped random models, batch 64, 128 new tokens, 20 batches
 #             of varying prompt widths, each row capped at ROW_BUDGET seconds, then a per-step profile  sampling.*
 #   trainer   RLKDTrainer optimizer steps, CUDA graphs + fused loss against eager + full logits     trainer_step.*
+#   vllm      use_vllm: rollouts through a vLLM server vs in process, NCCL and file weight sync      vllm_rollouts_*
+#             (needs vLLM in the image; not in the default PARTS: PARTS=vllm)
 # PARTS picks the parts. Each has its own time limit so that one slow part cannot starve the others; the
 # benchmarks write their JSON after every row.
 #
@@ -57,6 +59,23 @@ for part in $PARTS; do
         timeout 150 "$PY" benchmarks/trainer_step.py --device "$DEVICE" --shape "$TRAINER_SHAPE" --steps 6 \
             --out "$OUT/trainer_step.json" > "$OUT/trainer_step.txt" 2>&1 || status=1
         grep -E '^\{"variant|step time|peak memory|Error' "$OUT/trainer_step.txt" | tail -n 6 ;;
+    vllm)
+        # use_vllm on a GPU: rollouts through a vLLM server on the same card vs the in-process sampler (SmolLM2-135M,
+        # batch 16, 64 new tokens), the weights synced before each step over vLLM's NCCL engine, then by file.
+        # Needs vLLM in the image (the device image usually lacks it: the part then says so and is skipped).
+        if "$PY" -c "import vllm" > /dev/null 2>&1; then
+            export RLKD_VLLM_PYTHON=$(command -v "$PY")
+            timeout 240 "$PY" benchmarks/vllm_rollouts.py --device "$DEVICE" --sync nccl --steps 4 \
+                --server-arg=--weight-transfer-config --server-arg='{"backend":"nccl"}' \
+                --server-arg=--gpu-memory-utilization --server-arg=0.4 --out "$OUT/vllm_rollouts_nccl.json" \
+                > "$OUT/vllm_rollouts_nccl.txt" 2>&1 || status=1
+            timeout 200 "$PY" benchmarks/vllm_rollouts.py --device "$DEVICE" --sync file --steps 4 \
+                --server-arg=--gpu-memory-utilization --server-arg=0.4 --out "$OUT/vllm_rollouts_file.json" \
+                > "$OUT/vllm_rollouts_file.txt" 2>&1 || status=1
+            grep -h '^median' "$OUT"/vllm_rollouts_*.txt
+        else
+            echo "vllm is not importable in this image: part skipped (docs/vllm_rollouts.md)" | tee "$OUT/vllm_rollouts.txt"
+        fi ;;
     *) echo "unknown part $part"; status=1 ;;
     esac
 done

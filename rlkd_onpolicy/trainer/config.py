@@ -23,6 +23,8 @@ from rlkd_onpolicy.sampling.spec import CACHE_IMPLEMENTATIONS, SAMPLING_MODES, V
 GENERATION_CACHES = ("auto", *CACHE_IMPLEMENTATIONS)
 LOSS_BACKENDS = ("auto", "logits", "fused")
 NONFINITE_POLICIES = ("error", "skip")
+VLLM_MODES = ("server", "colocate")
+VLLM_SYNC_BACKENDS = ("auto", "file", "nccl")
 # The spec fields whose RLKDConfig field has another name (the others have the same one).
 _LOSS_SPEC_FIELDS = {"temperature": "loss_temperature", "regularization_strength": "rank_regularization_strength"}
 _SAMPLING_SPEC_FIELDS = {"mode": "sampling_mode", "teacher_temperature": "teacher_sampling_temperature",
@@ -223,6 +225,54 @@ class RLKDConfig(TrainingArguments):
     uld_teacher_temperature: float = field(
         default=1.0, metadata={"help": "TRL's field (with use_uld_loss): the teacher's temperature in the loss (> 0)."}
     )
+    # -- the student's rollouts on a vLLM server (docs/vllm_rollouts.md) --------------------------------------
+    use_vllm: bool = field(
+        default=False,
+        metadata={"help": "TRL's field: the student's generations (on_policy, mixed, SKD drafts) come from a vLLM "
+                          "server holding the student, whose weights are synced before the rollouts (every "
+                          "vllm_sync_steps optimizer steps). seq_kd's teacher generations are unaffected."},
+    )
+    vllm_mode: str = field(
+        default="server",
+        metadata={"help": f"TRL's field, one of {VLLM_MODES}: server = a separate `vllm serve` (started with "
+                          "VLLM_SERVER_DEV_MODE=1); colocate (vLLM inside the training process) is GPU-only and not "
+                          "implemented here."},
+    )
+    vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={"help": "TRL's field: the student server's base URL (e.g. 'http://127.0.0.1:8000'); when set, "
+                          "vllm_server_host and vllm_server_port are ignored."},
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "TRL's field: the student server's host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "TRL's field: the student server's port."})
+    vllm_server_timeout: float = field(
+        default=240.0,
+        metadata={"help": "TRL's field: seconds to wait for the student server to answer (> 0): at construction "
+                          "(it may still be starting) and for each request."},
+    )
+    vllm_sync_steps: int = field(
+        default=1,
+        metadata={"help": "Sync the student's weights to its server every this many optimizer steps (≥ 1; 1 = before "
+                          "every step's rollouts, exactly on-policy; more = rollouts from weights up to N-1 steps "
+                          "old, a cheaper sync)."},
+    )
+    vllm_sync_backend: str = field(
+        default="auto",
+        metadata={"help": f"How the weights reach the server, one of {VLLM_SYNC_BACKENDS}: file = a safetensors file "
+                          "the server reloads (/collective_rpc reload_weights; any device, the server on this "
+                          "filesystem); nccl = vLLM's NCCL weight-transfer engine (CUDA, vLLM installed here, the "
+                          "server started with --weight-transfer-config '{\"backend\":\"nccl\"}'; untested on CPU-only "
+                          "CI); auto = nccl where all of that holds, else file."},
+    )
+    vllm_group_port: int = field(
+        default=51216, metadata={"help": "TRL's field: the NCCL rendezvous port of the nccl weight sync."}
+    )
+    vllm_sync_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder the weights are written to for the server to reload (it must see the same "
+                          "filesystem); None = a fresh folder on tmpfs (/dev/shm) where there is one, else the "
+                          "system's temporary folder."},
+    )
     # -- data and models -----------------------------------------------------------------------------------------
     max_length: int | None = field(
         default=1024, metadata={"help": "Prompt + dataset completion tokens at most; longer completions are cut."}
@@ -410,6 +460,8 @@ class RLKDConfig(TrainingArguments):
         if self.teacher_server is not None:
             self._check_teacher_server(fail)
         self._check_cross_tokenizer(fail)
+        if self.use_vllm:
+            self._check_vllm(fail)
         if self.teacher_cache is not None and self.sampling_mode not in ("off_policy", "seq_kd"):
             fail("sampling_mode", self.sampling_mode, "a teacher_cache holds the teacher on fixed sequences; modes "
                  "that generate new ones (on_policy, mixed, speculative) need an online teacher_model.")
@@ -506,6 +558,35 @@ class RLKDConfig(TrainingArguments):
             max_concurrency=self.teacher_server_max_concurrency,
             rows_per_request=self.teacher_server_rows_per_request,
         )
+
+    def _check_vllm(self, fail) -> None:
+        """The student's vLLM server: what can be checked before it is asked (the trainer checks the server)."""
+        if self.vllm_mode not in VLLM_MODES:
+            fail("vllm_mode", self.vllm_mode, f"use one of {VLLM_MODES}.")
+        if self.vllm_mode == "colocate":
+            fail("vllm_mode", "colocate", "colocate runs vLLM inside the training process and needs a GPU (TRL's "
+                 "colocate mode, CUDA only), which this library does not implement: start a server (`vllm serve` "
+                 "with VLLM_SERVER_DEV_MODE=1, docs/vllm_rollouts.md) and use vllm_mode='server'.")
+        url = self.vllm_server_base_url
+        if url is not None and (not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url)):
+            fail("vllm_server_base_url", url, "it must look like 'http://host:port' (no /v1).")
+        if not 0 < self.vllm_server_port < 65536:
+            fail("vllm_server_port", self.vllm_server_port, "it must be a TCP port in [1, 65535].")
+        if not self.vllm_server_timeout > 0:
+            fail("vllm_server_timeout", self.vllm_server_timeout, "it must be > 0 seconds.")
+        if self.vllm_sync_backend not in VLLM_SYNC_BACKENDS:
+            fail("vllm_sync_backend", self.vllm_sync_backend, f"use one of {VLLM_SYNC_BACKENDS}.")
+        if not isinstance(self.vllm_sync_steps, int) or self.vllm_sync_steps < 1:
+            fail("vllm_sync_steps", self.vllm_sync_steps, "it must be an int ≥ 1 (1 = sync before every step).")
+        if self.sampling_mode == "off_policy":
+            fail("use_vllm", True, "sampling_mode='off_policy' generates nothing: the student's server would never be "
+                 "used; leave use_vllm unset.")
+
+    def vllm_server_url(self) -> str:
+        """TRL's rule: vllm_server_base_url when set, else http://vllm_server_host:vllm_server_port."""
+        if self.vllm_server_base_url:
+            return self.vllm_server_base_url.rstrip("/")
+        return f"http://{self.vllm_server_host}:{self.vllm_server_port}"
 
     def _check_teacher_server(self, fail) -> None:
         """What a served teacher can and cannot do, refused here rather than at the first step."""

@@ -48,6 +48,7 @@ class Loaded:
     eval_dataset: object | None
     teacher_tokenizer: object | None = None  # a teacher with another tokenizer (cross_tokenizer.py), else None
     teacher_vocab_size: int | None = None
+    student_server: object | None = None  # use_vllm: the checked StudentServer
 
 
 def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, train_dataset, eval_dataset,
@@ -85,6 +86,11 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
         teacher_vocab_size = vocabulary_size(teacher, None, teacher_tokenizer)
     check_against_vocabulary(args, vocab_size, None if cache is None else cache.header.k)
     served = None if args.teacher_server is None else served_teacher(args, tokenizer, vocab_size)
+    if teacher_tokenizer is not None and args.use_vllm:
+        raise ValueError(f"use_vllm=True with a teacher of another tokenizer (teacher_tokenizer_name_or_path="
+                         f"{args.teacher_tokenizer_name_or_path!r}) is not supported: the cross-tokenizer path samples "
+                         "the student in process. Set use_vllm=False (docs/cross_tokenizer.md).")
+    student_server = None if not args.use_vllm else vllm_student_server(args, tokenizer, vocab_size, model)
     if cache is not None:
         check_cache_vocabulary(cache, vocab_size)
     model = trainable_student(model, peft_config, args.disable_dropout)
@@ -112,7 +118,8 @@ def load_and_check(model, teacher_model, args: RLKDConfig, processing_class, tra
     evaluated = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
     models = {"model": model, "teacher_model": teacher} if teacher is not None else {"model": model}
     check_positions(models, args, mode, [train_dataset] + [d for d in evaluated if d is not None])
-    return Loaded(model, teacher, tokenizer, vocab_size, cache, served, train_dataset, eval_dataset)
+    return Loaded(model, teacher, tokenizer, vocab_size, cache, served, train_dataset, eval_dataset,
+                  student_server=student_server)
 
 
 def eval_datasets(eval_dataset) -> dict:
@@ -186,6 +193,24 @@ def served_teacher(args: RLKDConfig, tokenizer, vocab_size: int):
         args.teacher_server, tokenizer=tokenizer, top_k=args.teacher_top_k, vocab_size=vocab_size,
         model=args.teacher_server_model, temperature=args.loss_temperature, options=args.teacher_server_options(),
     )  # fmt: skip
+
+
+def vllm_student_server(args: RLKDConfig, tokenizer, vocab_size: int, student):
+    """The `StudentServer` at `args.vllm_server_url()`, waited for (up to vllm_server_timeout) and checked now: one
+    model, the student's tokenizer, vocabulary and architecture (each mismatch names the field)."""
+    from rlkd_onpolicy.sampling.vllm_client import StudentServer
+    from rlkd_onpolicy.teacher.served import ServerOptions
+    from rlkd_onpolicy.vocab import output_rows
+
+    server = StudentServer(args.vllm_server_url(), tokenizer=tokenizer, vocab_size=vocab_size,
+                           output_rows=output_rows(student), config=getattr(student, "config", None),
+                           # one request per row (its own seed), up to 64 in flight as TRL's client: vLLM batches them
+                           options=ServerOptions(timeout=args.vllm_server_timeout, retries=2, backoff=1.0,
+                                                 max_concurrency=64),
+                           check=False)  # fmt: skip
+    server.wait_until_up(args.vllm_server_timeout)
+    server.check()
+    return server
 
 
 def scoring_teacher(args: RLKDConfig, teacher, cache, served, vocab_size: int) -> Teacher:

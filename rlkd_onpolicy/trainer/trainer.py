@@ -129,12 +129,15 @@ class RLKDTrainer(Trainer):
             self.rollouts = Rollouts(args, mode, served_teacher=self.served_teacher, vocab_size=self.vocab_size,
                                      cache_implementation=self.generation_cache,
                                      eos_token_id=loaded.tokenizer.eos_token_id,
-                                     pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+                                     pad_token_id=loaded.tokenizer.pad_token_id,
+                                     student_server=loaded.student_server, student=student)  # fmt: skip
             self.scoring_teacher = scoring_teacher(
                 args, self.teacher, self.teacher_cache, self.served_teacher, self.vocab_size
             )
             self.student_loss = StudentLoss(args, self.loss_backend, self.vocab_size)
         self.sampler = self.rollouts.sampler(student, teacher)  # its settings checked now; each rollout makes its own
+        if getattr(self.rollouts, "weight_sync", None) is not None:  # use_vllm: a first push proves it loads them
+            self.rollouts.weight_sync.before_rollout(student, self.accelerator, 0, " (at construction)")
         # Row seeds and mixed-mode coins come from this generator; one stream per rank.
         self.rollout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
         self._eval_generator = self._new_eval_generator()
@@ -166,7 +169,9 @@ class RLKDTrainer(Trainer):
         # Evaluation draws from its own generator so that evaluating never shifts the training rollouts. (Not
         # `model.training`: the next step's rollouts are built before Trainer puts the model back in train mode.)
         generator = self._eval_generator if self._evaluating else self.rollout_generator
-        return self.rollouts(batch, self.model_wrapped, self.teacher, self.accelerator, generator)
+        step = None if self._evaluating else self.state.global_step + 1  # named in a vLLM server's errors
+        return self.rollouts(batch, self.model_wrapped, self.teacher, self.accelerator, generator,
+                             weights_step=self.state.global_step, step=step)  # fmt: skip
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rollout: Rollout = inputs.get("rollout") or self._rollout(inputs)
@@ -299,6 +304,8 @@ class RLKDTrainer(Trainer):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if not self.is_deepspeed_enabled:  # DeepSpeed steps inside backward: the guard checks losses there
             self.nonfinite_guard.install(self)
+        if getattr(self.rollouts, "weight_sync", None) is not None:  # use_vllm: push the resumed weights first
+            self.rollouts.weight_sync.reset()
         if resume_from_checkpoint is not None:
             # Restored here, before the first step and on every backend (DeepSpeed loads its checkpoint here too):
             # Trainer restores its own RNG states only after fetching the first batches on resume, and fetching a
@@ -349,7 +356,8 @@ class RLKDTrainer(Trainer):
         stats = rollout.stats
         generated = float(stats.get("generated_tokens", n))
         weights = {"acceptance_rate": generated, "tokens_per_second": float(stats.get("seconds", 1.0)),
-                   "on_policy_fraction": float(rollout.sequences.shape[0])}  # fmt: skip
+                   "on_policy_fraction": float(rollout.sequences.shape[0]),
+                   "rollout_seconds": 1.0, "vllm_sync_seconds": 1.0}  # fmt: skip
         for key, weight in weights.items():
             if key in stats:
                 add(key, float(stats[key]), weight)

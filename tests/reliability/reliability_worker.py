@@ -4,6 +4,8 @@
     python tests/reliability/reliability_worker.py --out /tmp/r --mode mixed --resume /tmp/r/run/checkpoint-4
     python tests/reliability/reliability_worker.py --out /tmp/r --teacher-server http://127.0.0.1:8000 \
         --model-dir <the served model's folder>       # the teacher on a vLLM server (tests/teacher/)
+    python tests/reliability/reliability_worker.py --out /tmp/r --vllm-server http://127.0.0.1:8001 \
+        --student-dir <the student's folder> --model-dir <the teacher's folder>   # the student's rollouts on vLLM
 
 Appends one JSON line per optimizer step to `<out>/steps.jsonl` (fsynced, so a SIGKILL loses nothing written):
 the step, its logged loss and a SHA-256 of the step's rollouts (sequences, masks, token sources). At the end
@@ -81,6 +83,9 @@ def main() -> None:
     parser.add_argument("--teacher-server", default=None, help="distil from this vLLM server, not a local teacher")
     parser.add_argument("--model-dir", default=None, help="with --teacher-server: the served model's folder (its "
                         "tokenizer, and a 1-layer student cut from it)")
+    parser.add_argument("--vllm-server", default=None, help="use_vllm: the student's rollouts from this vLLM server "
+                        "(tests/teacher/), the student from --student-dir, the local teacher from --model-dir")
+    parser.add_argument("--student-dir", default=None, help="with --vllm-server: the student's folder")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # the runs compared bit for bit must reduce in the same order
@@ -89,13 +94,23 @@ def main() -> None:
     served = {}
     if args.teacher_server:
         served = dict(teacher_server=args.teacher_server, teacher_top_k=8, teacher_sampling_temperature=1.0)
+    if args.vllm_server:
+        # the weight file's folder under --out: a SIGKILLed run cannot remove it, the test's tmp folder goes
+        served = dict(use_vllm=True, vllm_server_base_url=args.vllm_server, vllm_server_timeout=30.0,
+                      vllm_sync_dir=str(out / "vllm_sync"))
     config = RLKDConfig(
         output_dir=str(out / "run"), sampling_mode=args.mode, per_device_train_batch_size=2, max_steps=args.steps,
         learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=args.save_steps, report_to="none",
         seed=0, max_new_tokens=6, skd_top_k=5, skd_draft_len=3, rank_k=3, metric_ks=[1, 3], disable_tqdm=True,
         lmbda=0.5 if args.mode == "mixed" else None, **served,  # lmbda: mixed only (set-but-ignored is refused)
     )
-    if args.teacher_server:
+    if args.vllm_server:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        student = AutoModelForCausalLM.from_pretrained(args.student_dir)
+        teacher = AutoModelForCausalLM.from_pretrained(args.model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    elif args.teacher_server:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rlkd_onpolicy.models import student_from_teacher

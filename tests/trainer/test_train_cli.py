@@ -12,12 +12,13 @@ from rlkd_onpolicy.train import ModelDataArguments, main
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_YAMLS = sorted((ROOT / "configs" / "train").glob("*.yaml"))
 SERVED = "served_teacher"  # the teacher on a vLLM server (docs/served_teacher.md); every other YAML is a mode
+VLLM_STUDENT = "vllm_student"  # on_policy with the student's rollouts on a vLLM server (docs/vllm_rollouts.md)
 
 
 def test_one_yaml_per_sampling_mode():
     from rlkd_onpolicy.trainer import SAMPLING_MODES
 
-    assert {p.stem for p in TRAIN_YAMLS} == {*SAMPLING_MODES, SERVED}
+    assert {p.stem for p in TRAIN_YAMLS} == {*SAMPLING_MODES, SERVED, VLLM_STUDENT}
 
 
 @pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: p.stem)
@@ -48,6 +49,8 @@ def test_yaml_parses_into_the_config(path, tmp_path):
         assert not args.bf16
     if path.stem == SERVED:  # a server stands for the teacher: no teacher_model
         assert args.teacher_server and args.teacher_top_k and script_args.teacher_model is None
+    elif path.stem == VLLM_STUDENT:
+        assert args.use_vllm and args.vllm_server_base_url and args.sampling_mode == "on_policy"
     else:
         assert args.sampling_mode == path.stem and script_args.teacher_model
     assert script_args.student_model
