@@ -113,12 +113,12 @@ class ExampleConfig:
     rank_dynamic_weighting: bool = field(
         default=False, metadata={"help": "Weight each token's KD term by its top-k overlap (RLKDConfig; true/false)."}
     )
-    distill_steps: int = field(default=30, metadata={"help": "Distillation optimizer steps per method."})
+    distill_steps: int = field(default=90, metadata={"help": "Distillation optimizer steps per method."})
     distill_lr: float = field(default=5e-4, metadata={"help": "Distillation learning rate (constant)."})
     batch_size: int = field(default=8, metadata={"help": "Distillation batch size."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per prompt in on-policy modes."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; several: 95-percent intervals."})
-    curve_every: int = field(default=15, metadata={"help": "Steps between MOR@5 points on the dev split."})
+    curve_every: int = field(default=30, metadata={"help": "Steps between MOR@5 points on the dev split."})
     distill_pairs: int | None = field(
         default=None, metadata={"help": "Distinct training pairs the methods train on (default: distill_steps x "
                                         "batch_size, one epoch); fewer are repeated over several epochs."},
