@@ -190,7 +190,8 @@ class CrossTokenizerRollouts:
         return self.student_rollouts.sampler(student, None)
 
     @torch.no_grad()
-    def __call__(self, batch, student, teacher, accelerator, generator):
+    def __call__(self, batch, student, teacher, accelerator, generator, weights_step: int = 0, step: int | None = None):
+        # weights_step / step: the same-tokenizer Rollouts' signature (they only serve use_vllm, refused here)
         teacher_prompts = [list(p) for p in batch["teacher_prompt_ids"]]
         references = list(batch["completion_text"])
         if self.mode != "seq_kd":
