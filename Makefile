@@ -42,7 +42,7 @@ demo: install
 	$(BIN)/python examples/distill_translation.py
 
 test: install vllm-env
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 lint: install
 	$(BIN)/python -m ruff check .
